@@ -1,0 +1,96 @@
+"""Sparse random hyperplanes, locality-sensitive hash codes and buckets (pure numpy).
+
+Conventions follow the operator's definition (see ``docs/operator.md``): a code is the
+little-endian bit pattern of ``dot(plane_l, u) > 0`` with plane 0 as the least significant bit,
+and the sums are taken in float64 so that every implementation agrees on the sign.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MAX_PLANES = 63
+"""Codes are 64-bit; 63 planes keep every code a non-negative int64 as well."""
+
+
+def check_num_planes(num_planes: int) -> None:
+    """Raise ``ValueError`` unless ``num_planes`` is a valid number of hyperplanes."""
+    if isinstance(num_planes, bool) or not isinstance(num_planes, (int, np.integer)):
+        raise ValueError(f"L (num_planes) must be an integer, got {num_planes!r}")
+    if not 0 <= num_planes <= MAX_PLANES:
+        raise ValueError(
+            f"L (num_planes) = {num_planes} is out of range: codes are 64-bit, "
+            f"so L must be in [0, {MAX_PLANES}]"
+        )
+
+
+def make_planes(
+    num_planes: int,
+    dim: int,
+    sparsity: float | None = 2 / 3,
+    rng: np.random.Generator | int | None = 0,
+) -> np.ndarray:
+    """Draw ``num_planes`` random hyperplanes of length ``dim`` as float32 ``[L, dim]``.
+
+    With ``sparsity = s`` every entry is 0 with probability ``s`` and +1 or -1 with probability
+    ``(1 - s) / 2`` each (sparse random projections, Achlioptas 2003; Li et al. 2006).
+    ``sparsity=None`` draws dense Gaussian planes instead (the paper's ablation). Only the sign
+    of a projection matters, so the planes are not scaled.
+    """
+    check_num_planes(num_planes)
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+        raise ValueError(f"dim must be a positive integer, got {dim!r}")
+    if sparsity is not None and not (0.0 <= sparsity < 1.0):
+        raise ValueError(f"s (sparsity) = {sparsity!r} is out of range: allowed is [0, 1) or None")
+    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    shape = (num_planes, dim)
+    if sparsity is None:
+        return gen.standard_normal(shape).astype(np.float32)
+    u = gen.random(shape)
+    half = (1.0 - sparsity) / 2.0
+    planes = np.zeros(shape, dtype=np.float32)
+    planes[u < half] = 1.0
+    planes[(u >= half) & (u < 2 * half)] = -1.0
+    return planes
+
+
+def hash_codes(vectors: np.ndarray, planes: np.ndarray) -> np.ndarray:
+    """64-bit LSH codes of ``vectors [..., D]`` against ``planes [L, D]`` -> uint64 ``[...]``.
+
+    ``bit_l = dot(planes[l], v) > 0`` (exactly 0 gives 0), summed in float64.
+    """
+    planes = np.asarray(planes)
+    if planes.ndim != 2:
+        raise ValueError(f"planes must be 2-D [L, D], got shape {planes.shape}")
+    check_num_planes(planes.shape[0])
+    if vectors.shape[-1] != planes.shape[1]:
+        raise ValueError(
+            f"vectors have length {vectors.shape[-1]} but planes have length {planes.shape[1]}"
+        )
+    proj = np.asarray(vectors, dtype=np.float64) @ planes.astype(np.float64).T
+    bits = (proj > 0).astype(np.uint64)
+    weights = np.left_shift(np.uint64(1), np.arange(planes.shape[0], dtype=np.uint64))
+    return (bits * weights).sum(axis=-1, dtype=np.uint64)
+
+
+def center(vectors: np.ndarray) -> np.ndarray:
+    """Subtract, position by position, the mean over the channel axis (-2) in float64."""
+    v = np.asarray(vectors, dtype=np.float64)
+    return v - v.mean(axis=-2, keepdims=True)
+
+
+def bucket_labels(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Group equal codes along the last axis.
+
+    Returns ``labels`` (same shape as ``codes``, each channel's bucket index, numbered by first
+    appearance order of sorted codes, ``0 .. buckets-1``) and ``num_buckets`` (shape
+    ``codes.shape[:-1]``).
+    """
+    order = np.argsort(codes, axis=-1, kind="stable")
+    sorted_codes = np.take_along_axis(codes, order, axis=-1)
+    new_bucket = np.ones(sorted_codes.shape, dtype=np.int64)
+    new_bucket[..., 1:] = sorted_codes[..., 1:] != sorted_codes[..., :-1]
+    sorted_labels = np.cumsum(new_bucket, axis=-1) - 1
+    labels = np.empty_like(sorted_labels)
+    np.put_along_axis(labels, order, sorted_labels, axis=-1)
+    return labels, sorted_labels[..., -1] + 1
