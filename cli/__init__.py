@@ -1,0 +1,1 @@
+"""The ``haste-onnx`` command line: a thin click layer over the library."""
