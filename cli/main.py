@@ -1,9 +1,399 @@
-"""Entry point of the ``haste-onnx`` command."""
+"""The ``haste-onnx`` command: parse options, call the library, print, set the exit code.
+
+Exit codes: 0 success, 1 fidelity failure, 2 bad usage or input.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import click
 
+from haste_onnx import convert as api
+from haste_onnx import report
+from haste_onnx.errors import HasteError, InputError
+from haste_onnx.passes.rewrite import HasteOptions
+from haste_onnx.verify import Tolerances
 
-@click.group()
+EXIT_FIDELITY, EXIT_USAGE = 1, 2
+
+
+def _pairs(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> dict[str, int]:
+    result = {}
+    for value in values:
+        name, sep, number = value.rpartition("=")
+        if not sep or not name or not number.lstrip("-").isdigit():
+            raise click.BadParameter(f"expected NAME=INTEGER, got {value!r}")
+        result[name] = int(number)
+    return result
+
+
+def _sparsity(_ctx: click.Context, _param: click.Parameter, value: str) -> float | None:
+    if value.lower() in ("dense", "none"):
+        return None
+    try:
+        number = (
+            float(value.split("/")[0]) / float(value.split("/")[1])
+            if "/" in value
+            else float(value)
+        )
+    except (ValueError, ZeroDivisionError):
+        raise click.BadParameter(
+            f"expected a number in [0, 1), a fraction like 2/3, or 'dense', got {value!r}"
+        ) from None
+    if not 0.0 <= number < 1.0:
+        raise click.BadParameter(f"{value} is outside [0, 1)")
+    return number
+
+
+def _haste_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Options that choose and configure the converted layers (convert and inspect)."""
+    for option in reversed(
+        [
+            click.option(
+                "-L",
+                "--planes",
+                "num_planes",
+                type=click.IntRange(0, 63),
+                default=14,
+                show_default=True,
+                help="Hyperplanes per layer (hash code bits).",
+            ),
+            click.option(
+                "--layer-planes",
+                multiple=True,
+                callback=_pairs,
+                metavar="NAME=L",
+                help="L for one layer, by Conv name; repeatable.",
+            ),
+            click.option(
+                "-s",
+                "--sparsity",
+                default="2/3",
+                show_default=True,
+                callback=_sparsity,
+                help="Share of zero entries in the planes, or 'dense' for Gaussian planes.",
+            ),
+            click.option(
+                "-T",
+                "--tile",
+                type=click.IntRange(1, 64),
+                default=3,
+                show_default=True,
+                help="Output tile edge.",
+            ),
+            click.option(
+                "--seed",
+                type=int,
+                default=0,
+                show_default=True,
+                help="Seed of the hyperplanes and of the random verification inputs.",
+            ),
+            click.option(
+                "--min-channels",
+                type=click.IntRange(1),
+                default=8,
+                show_default=True,
+                help="Leave convs with fewer input channels alone.",
+            ),
+            click.option(
+                "--skip-first",
+                type=click.IntRange(0),
+                default=0,
+                show_default=True,
+                help="Leave the first N eligible convs alone.",
+            ),
+            click.option(
+                "--include",
+                multiple=True,
+                metavar="NAME",
+                help="Convert this Conv even if the policy (min channels, skip first) "
+                "would leave it; repeatable.",
+            ),
+            click.option(
+                "--exclude",
+                multiple=True,
+                metavar="NAME",
+                help="Never convert this Conv; repeatable.",
+            ),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
+def _input_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Options that choose the tensors the models run on."""
+    for option in reversed(
+        [
+            click.option(
+                "--inputs",
+                type=click.Path(path_type=Path),
+                default=None,
+                help="Run on these inputs: .npy, .npz (keys = input names) or an image "
+                "folder. Default: seeded random tensors.",
+            ),
+            click.option(
+                "--batch",
+                type=click.IntRange(1),
+                default=2,
+                show_default=True,
+                help="Batch size of random inputs with a dynamic first dimension.",
+            ),
+            click.option(
+                "--dim",
+                "dims",
+                multiple=True,
+                callback=_pairs,
+                metavar="NAME=SIZE",
+                help="Size of a named dynamic input dimension; repeatable.",
+            ),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
+def _output_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(
+        [
+            click.option(
+                "--json",
+                "json_path",
+                type=click.Path(path_type=Path),
+                default=None,
+                help="Write the report as JSON to this file, or '-' for stdout "
+                "(the table then goes to stderr).",
+            ),
+            click.option("-q", "--quiet", is_flag=True, help="Print only errors."),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
+def _tolerance_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(
+        [
+            click.option(
+                "--min-cosine",
+                type=float,
+                default=0.95,
+                show_default=True,
+                help="Least cosine similarity of each output to the original's.",
+            ),
+            click.option(
+                "--max-rel-l2",
+                type=float,
+                default=None,
+                help="Largest relative L2 error of each output (off by default).",
+            ),
+            click.option(
+                "--min-top1",
+                type=float,
+                default=None,
+                help="Least top-1 agreement for [N, classes] outputs (off by default).",
+            ),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
+class _Console:
+    """Where human-readable text goes: stdout, or stderr when stdout carries JSON."""
+
+    def __init__(self, quiet: bool, json_path: Path | None) -> None:
+        self.quiet = quiet
+        self.stream = sys.stderr if json_path == Path("-") else sys.stdout
+
+    def echo(self, text: str = "") -> None:
+        if not self.quiet:
+            click.echo(text, file=self.stream)
+
+    def progress(self, message: str) -> None:
+        if not self.quiet:
+            click.echo(click.style(f"· {message}", dim=True), file=sys.stderr)
+
+
+def _write_json(path: Path | None, document: dict[str, object]) -> None:
+    if path is None:
+        return
+    text = report.dumps(document)
+    if path == Path("-"):
+        click.echo(text)
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text + "\n")
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(click.style("error: ", fg="red", bold=True) + message, err=True)
+    sys.exit(code)
+
+
+class _Group(click.Group):
+    """Turns every expected error into one line and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (HasteError, ValueError) as exc:
+            _fail(str(exc), EXIT_USAGE)
+
+
+@click.group(cls=_Group)
 @click.version_option(package_name="haste-onnx")
 def main() -> None:
-    """Make convolutional ONNX models cheaper with HASTE channel merging."""
+    """Make convolutional ONNX models cheaper with HASTE channel merging.
+
+    Exit codes: 0 success, 1 fidelity failure, 2 bad usage or input.
+    """
+
+
+def _options(kw: dict[str, Any]) -> HasteOptions:
+    return HasteOptions(
+        num_planes=kw["num_planes"],
+        sparsity=kw["sparsity"],
+        tile=kw["tile"],
+        seed=kw["seed"],
+        min_channels=kw["min_channels"],
+        skip_first=kw["skip_first"],
+        include=tuple(kw["include"]),
+        exclude=tuple(kw["exclude"]),
+        layer_planes=kw["layer_planes"],
+    )
+
+
+def _verify_options(kw: dict[str, Any]) -> api.VerifyOptions:
+    return api.VerifyOptions(
+        inputs=kw["inputs"], batch=kw["batch"], dims=kw["dims"], seed=kw["seed"]
+    )
+
+
+def _fidelity_lines(result: api.ConversionResult) -> list[str]:
+    lines = []
+    for out in result.verification.outputs:
+        top1 = "" if out.top1 is None else f", top-1 agreement {out.top1:.1%}"
+        lines.append(
+            f"output {out.name}: cosine {out.cosine:.4f}, rel L2 {out.rel_l2:.4f}, "
+            f"max abs {out.max_abs:.4g}{top1}"
+        )
+    worst = max((layer.kernel_mismatch for layer in result.verification.layers), default=0.0)
+    lines.append(
+        f"C++ kernel vs numpy reference: {len(result.verification.layers)} layers, "
+        f"worst mismatch {worst:.4%} of outputs"
+    )
+    return lines
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where to write the converted model. Default: MODEL with .haste.onnx.",
+)
+@click.option("--force", is_flag=True, help="Write the model even if verification fails.")
+@click.option(
+    "--plot",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also draw r and FLOPs per layer into this PNG (needs matplotlib).",
+)
+@_haste_options
+@_input_options
+@_tolerance_options
+@_output_options
+def convert(model: Path, output: Path | None, force: bool, plot: Path | None, **kw: Any) -> None:
+    """Rewrite eligible Convs of MODEL into HasteConv, verify, and report FLOPs."""
+    console = _Console(kw["quiet"], kw["json_path"])
+    tolerances = Tolerances(
+        min_cosine=kw["min_cosine"], max_rel_l2=kw["max_rel_l2"], min_top1=kw["min_top1"]
+    )
+    result = api.convert(
+        model,
+        output,
+        _options(kw),
+        _verify_options(kw),
+        tolerances,
+        force,
+        progress=console.progress,
+    )
+    console.echo(report.table(result.flops))
+    console.echo()
+    for line in _fidelity_lines(result):
+        console.echo(line)
+    if plot is not None:
+        report.plot(result.flops, plot)
+        console.echo(f"plot: {plot}")
+    _write_json(
+        kw["json_path"],
+        {
+            "model": str(model),
+            "output": [str(p) for p in result.written],
+            "passed": result.passed,
+            "failures": result.verification.failures,
+            "fidelity": [vars(o) for o in result.verification.outputs],
+            "kernel_agreement": [
+                {"name": r.name, "rel_l2": r.kernel_rel_l2, "mismatch": r.kernel_mismatch}
+                for r in result.verification.layers
+            ],
+            "options": {k: kw[k] for k in ("num_planes", "sparsity", "tile", "seed")},
+            **report.flops_json(result.flops),
+        },
+    )
+    if not result.passed:
+        wrote = (
+            f"written anyway (--force): {result.written[0]}"
+            if result.written
+            else "nothing written (use --force to write it anyway)"
+        )
+        _fail(
+            "fidelity check failed: " + "; ".join(result.verification.failures) + "; " + wrote,
+            EXIT_FIDELITY,
+        )
+    console.echo(click.style(f"wrote {', '.join(map(str, result.written))}", fg="green"))
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@_haste_options
+@_input_options
+@_output_options
+def inspect(model: Path, **kw: Any) -> None:
+    """List every Conv of MODEL, whether HASTE would convert it and why, and baseline FLOPs."""
+    console = _Console(kw["quiet"], kw["json_path"])
+    result = api.inspect(model, _options(kw), _verify_options(kw))
+    flops = {s.name: s.flops for s in result.flops.skipped}
+    for d in result.decisions:
+        shape = f"{d.in_channels}->{d.out_channels} k{'x'.join(map(str, d.kernel or ()))}"
+        verdict = "convert" if d.converted else f"skip: {d.reason}"
+        count = flops.get(d.name)
+        console.echo(
+            f"{d.name:<32} {shape:<16} {'?' if count is None else f'{count / 1e6:9.2f}M'}"
+            f"  {verdict}"
+        )
+    console.echo(
+        f"baseline: {result.flops.baseline_total / 1e6:.2f} MFLOPs per image "
+        f"(Conv, Gemm, MatMul), {sum(d.converted for d in result.decisions)} of "
+        f"{len(result.decisions)} convs eligible"
+    )
+    _write_json(
+        kw["json_path"],
+        {
+            "model": str(model),
+            "convs": [vars(d) | {"baseline_flops": flops.get(d.name)} for d in result.decisions],
+            "baseline_flops": result.flops.baseline_total,
+        },
+    )

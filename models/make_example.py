@@ -41,14 +41,22 @@ class _Builder:
         noise = self.rng.standard_normal((m, c, k, k))
         return (std * (0.8 * centers[pick] + 0.6 * noise)).astype(np.float32)
 
-    def conv_bn(self, x: str, name: str, c: int, m: int, k: int, stride: int = 1,
-                relu: bool = True) -> str:
+    def conv_bn(
+        self, x: str, name: str, c: int, m: int, k: int, stride: int = 1, relu: bool = True
+    ) -> str:
         w = self.const(f"{name}.weight", self.filters(m, c, k))
         pad = k // 2
-        self.nodes.append(helper.make_node(
-            "Conv", [x, w], [f"{name}.conv"], name=name, kernel_shape=[k, k],
-            pads=[pad] * 4, strides=[stride, stride],
-        ))
+        self.nodes.append(
+            helper.make_node(
+                "Conv",
+                [x, w],
+                [f"{name}.conv"],
+                name=name,
+                kernel_shape=[k, k],
+                pads=[pad] * 4,
+                strides=[stride, stride],
+            )
+        )
         bn = [
             self.const(f"{name}.bn.scale", self.rng.uniform(0.8, 1.2, m)),
             self.const(f"{name}.bn.bias", self.rng.normal(0.0, 0.1, m)),
@@ -56,12 +64,15 @@ class _Builder:
             self.const(f"{name}.bn.var", self.rng.uniform(0.5, 1.5, m)),
         ]
         out = f"{name}.bn"
-        self.nodes.append(helper.make_node(
-            "BatchNormalization", [f"{name}.conv", *bn], [out], name=f"{name}.bn", epsilon=1e-5
-        ))
+        self.nodes.append(
+            helper.make_node(
+                "BatchNormalization", [f"{name}.conv", *bn], [out], name=f"{name}.bn", epsilon=1e-5
+            )
+        )
         if relu:
-            self.nodes.append(helper.make_node("Relu", [out], [f"{name}.relu"],
-                                               name=f"{name}.relu"))
+            self.nodes.append(
+                helper.make_node("Relu", [out], [f"{name}.relu"], name=f"{name}.relu")
+            )
             out = f"{name}.relu"
         return out
 
@@ -80,16 +91,19 @@ def build(seed: int = 0) -> onnx.ModelProto:
     b.nodes.append(helper.make_node("Flatten", ["pool"], ["flat"], name="flatten"))
     fc_w = b.const("fc.weight", b.rng.standard_normal((10, 64)) / 8.0)
     fc_b = b.const("fc.bias", np.zeros(10))
-    b.nodes.append(helper.make_node("Gemm", ["flat", fc_w, fc_b], ["logits"], name="fc",
-                                    transB=1))
+    b.nodes.append(helper.make_node("Gemm", ["flat", fc_w, fc_b], ["logits"], name="fc", transB=1))
     graph = helper.make_graph(
-        b.nodes, "example_cnn",
+        b.nodes,
+        "example_cnn",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 32, 32])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
         b.inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="haste-onnx models/make_example.py")
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="haste-onnx models/make_example.py",
+    )
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model, full_check=True)
     return model

@@ -90,7 +90,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("n", "c", "m", "h", "w", "k", "pads", "tile", "L", "s", "bias", "relu"), CASES)
+@pytest.mark.parametrize(
+    ("n", "c", "m", "h", "w", "k", "pads", "tile", "L", "s", "bias", "relu"), CASES
+)
 def test_vectorized_reference_matches_brute_force(n, c, m, h, w, k, pads, tile, L, s, bias, relu):
     rng = np.random.default_rng(hash((n, c, m, h, w, k, pads)) % 2**32)
     x = rng.standard_normal((n, c, h, w)).astype(np.float32)
@@ -140,9 +142,7 @@ def test_argument_errors_name_the_argument(change, message):
     args.update(change)
     tile = args.pop("tile", 3)
     with pytest.raises(ValueError, match=message):
-        haste_conv(
-            args["x"], args["w"], args["planes"], args["bias"], pads=args["pads"], tile=tile
-        )
+        haste_conv(args["x"], args["w"], args["planes"], args["bias"], pads=args["pads"], tile=tile)
 
 
 def _model_with_haste_nodes(rng):
@@ -156,13 +156,25 @@ def _model_with_haste_nodes(rng):
         for a, name in [(w1, "w1"), (b1, "b1"), (w2, "w2"), (p1, "p1"), (p2, "p2")]
     ]
     nodes = [
-        opdef.make_node("x", "w1", "p1", "h", bias="b1", kernel=3, pads=(1, 1, 1, 1),
-                        activation="Relu", name="conv1"),
+        opdef.make_node(
+            "x",
+            "w1",
+            "p1",
+            "h",
+            bias="b1",
+            kernel=3,
+            pads=(1, 1, 1, 1),
+            activation="Relu",
+            name="conv1",
+        ),
         opdef.make_node("h", "w2", "p2", "y", kernel=1, name="conv2"),
     ]
     graph = helper.make_graph(
-        nodes, "haste", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], inits,
+        nodes,
+        "haste",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        inits,
     )
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(opdef.DOMAIN, 1)]

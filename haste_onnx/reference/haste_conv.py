@@ -178,9 +178,7 @@ def haste_conv(
     step = max(1, _CHUNK_ELEMENTS // per_patch)
     for start in range(0, patches.shape[0], step):
         sl = slice(start, start + step)
-        out[sl], sizes = _reduced_conv(
-            patches[sl].astype(np.float64), labels[sl], w_flat, geo
-        )
+        out[sl], sizes = _reduced_conv(patches[sl].astype(np.float64), labels[sl], w_flat, geo)
         merging[sl] = (sizes > 1).sum(axis=-1)
 
     if bias is not None:

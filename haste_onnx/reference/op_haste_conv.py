@@ -31,7 +31,9 @@ class HasteConv(OpRun):
         if isinstance(activation, bytes):
             activation = activation.decode()
         if activation not in ACTIVATIONS:
-            raise ValueError(f"HasteConv: activation must be one of {ACTIVATIONS}, got {activation!r}")
+            raise ValueError(
+                f"HasteConv: activation must be one of {ACTIVATIONS}, got {activation!r}"
+            )
         for name, value in (("strides", strides), ("dilations", dilations)):
             if value is not None and any(v != 1 for v in value):
                 raise ValueError(f"HasteConv: {name} must be 1, got {list(value)}")

@@ -1,0 +1,131 @@
+"""The whole job: rewrite a model, verify it, measure its FLOPs and write it only if it passed."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from haste_onnx import inputs, ir, report
+from haste_onnx.errors import InputError
+from haste_onnx.passes.rewrite import ConvDecision, HasteOptions, LayerPlan, decide, rewrite
+from haste_onnx.verify import Progress, Tolerances, Verification, verify
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """What the verification runs on: the user's inputs, or seeded random tensors."""
+
+    inputs: Path | None = None
+    batch: int = 2
+    dims: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    model: onnx.ModelProto
+    decisions: list[ConvDecision]
+    layers: list[LayerPlan]
+    verification: Verification
+    flops: report.FlopsReport
+    written: list[Path]
+
+    @property
+    def passed(self) -> bool:
+        return self.verification.passed
+
+
+@dataclass(frozen=True)
+class Inspection:
+    decisions: list[ConvDecision]
+    flops: report.FlopsReport  # baseline only: nothing is converted
+
+
+def default_output(path: Path) -> Path:
+    return path.with_name(path.name.removesuffix(".onnx") + ".haste.onnx")
+
+
+def check_output_path(source: Path, output: Path) -> None:
+    """Refuse outputs that would overwrite the input or land where nothing can be written."""
+    if output.resolve() == source.resolve():
+        raise InputError(f"output path is the input model: {output}; choose another --output")
+    if output.is_dir():
+        raise InputError(f"output path is a directory: {output}")
+    directory = output.parent
+    if not directory.is_dir():
+        raise InputError(f"output directory does not exist: {directory}")
+
+
+def make_feeds(model: onnx.ModelProto, options: VerifyOptions) -> inputs.Feeds:
+    if options.inputs is not None:
+        return inputs.user_feeds(model, options.inputs, options.dims)
+    return inputs.random_feeds(model, options.batch, options.dims, options.seed)
+
+
+def _require_convs(decisions: list[ConvDecision], source: Path) -> None:
+    if not decisions:
+        raise InputError(f"{source} has no Conv node: nothing to convert")
+    if not any(d.converted for d in decisions):
+        reasons = "; ".join(f"{d.name}: {d.reason}" for d in decisions)
+        raise InputError(f"no Conv in {source} is eligible for HASTE — {reasons}")
+
+
+def convert(
+    source: str | Path,
+    output: str | Path | None = None,
+    options: HasteOptions | None = None,
+    verify_options: VerifyOptions | None = None,
+    tolerances: Tolerances | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> ConversionResult:
+    """Convert the model at ``source`` and write it to ``output`` (default ``<name>.haste.onnx``)
+    if the verification passed, or in any case with ``force``. Nothing is written on failure."""
+    source = Path(source)
+    target = Path(output) if output is not None else default_output(source)
+    check_output_path(source, target)
+    say = progress or (lambda _: None)
+    say(f"loading {source}")
+    original = ir.load(source)
+    options = options or HasteOptions()
+    verify_options = verify_options or VerifyOptions()
+    say("rewriting")
+    converted, decisions, plans = rewrite(original, options)
+    _require_convs(decisions, source)
+    onnx.checker.check_model(converted if not ir.too_large(converted) else str(source))
+    feeds = make_feeds(original, verify_options)
+    verification = verify(
+        original, converted, plans, feeds.arrays, feeds.description, tolerances or Tolerances(), say
+    )
+    shapes = {k: tuple(v.shape) for k, v in feeds.arrays.items()}
+    flops_report = report.build(
+        original, decisions, plans, verification.layers, shapes, feeds.description
+    )
+    written: list[Path] = []
+    if verification.passed or force:
+        say(f"writing {target}")
+        written = ir.save(converted, target, external_data=ir.has_external_data(original))
+    return ConversionResult(converted, decisions, plans, verification, flops_report, written)
+
+
+def inspect(
+    source: str | Path,
+    options: HasteOptions | None = None,
+    verify_options: VerifyOptions | None = None,
+) -> Inspection:
+    """Every Conv's eligibility and reason, and the baseline FLOPs, without converting."""
+    model = ir.load(source)
+    _, decisions = decide(model, options or HasteOptions())
+    if not decisions:
+        raise InputError(f"{source} has no Conv node")
+    feeds = make_feeds(model, verify_options or VerifyOptions())
+    shapes = {k: tuple(v.shape) for k, v in feeds.arrays.items()}
+    skipped_all = [
+        dataclasses.replace(d, converted=False, reason=d.reason or "eligible") for d in decisions
+    ]
+    flops_report = report.build(model, skipped_all, [], [], shapes, feeds.description)
+    return Inspection(decisions, flops_report)

@@ -1,0 +1,13 @@
+"""Exceptions that the command line maps to exit codes."""
+
+
+class HasteError(Exception):
+    """Base class of every error haste-onnx raises on purpose."""
+
+
+class InputError(HasteError):
+    """The model, an input file, an option or an output path cannot be used (exit code 2)."""
+
+
+class FidelityError(HasteError):
+    """A converted model's outputs are out of tolerance (exit code 1)."""

@@ -1,0 +1,125 @@
+"""The FLOPs model of the paper (Appendix B.1), per image.
+
+A multiply-add counts as two FLOPs. HASTE's cost depends on the measured mean compression
+ratio ``r`` and mean number ``m`` of buckets merging more than one channel, so the FLOPs of a
+converted layer are always those of the inputs it was measured on. Patches are counted as the
+real number of output tiles (the paper approximates it as ``(H + P_H)/K * (W + P_W)/K``), and
+the hashing term uses the real number of non-zero plane entries, ``L * P^2 * (1 - s)`` in
+expectation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from haste_onnx import ir
+
+
+@dataclass(frozen=True)
+class HasteFlops:
+    """FLOPs of one HasteConv per image, split as the paper's Eq. 6-10."""
+
+    baseline: float  # Eq. 5: the plain Conv
+    centering: float  # Eq. 6
+    hashing: float  # Eq. 7
+    merge_inputs: float  # Eq. 8
+    merge_filters: float  # Eq. 9
+    reduced_conv: float  # Eq. 10
+
+    @property
+    def total(self) -> float:
+        return (
+            self.centering
+            + self.hashing
+            + self.merge_inputs
+            + self.merge_filters
+            + self.reduced_conv
+        )
+
+    @property
+    def reduction(self) -> float:
+        """Fraction of the baseline saved (negative when HASTE costs more)."""
+        return 1.0 - self.total / self.baseline
+
+
+def conv_flops(
+    out_h: int, out_w: int, kernel_area: int, in_channels: int, out_channels: int, group: int = 1
+) -> float:
+    """Eq. 5, generalised to groups: ``2 * Ho * Wo * K^2 * C/group * M``."""
+    return 2.0 * out_h * out_w * kernel_area * (in_channels // group) * out_channels
+
+
+def haste_flops(
+    *,
+    in_channels: int,
+    out_channels: int,
+    kernel: int,
+    out_h: int,
+    out_w: int,
+    tile: int,
+    plane_nonzeros: int,
+    ratio: float,
+    merging: float,
+) -> HasteFlops:
+    """Eq. 5-10 for one layer, per image, from the measured mean ``ratio`` (r) and ``merging``
+    (m)."""
+    c, m, k2 = in_channels, out_channels, kernel * kernel
+    patch_area = (tile + kernel - 1) ** 2
+    n_p = -(-out_h // tile) * -(-out_w // tile)
+    return HasteFlops(
+        baseline=conv_flops(out_h, out_w, k2, c, m),
+        centering=2.0 * n_p * c * patch_area,
+        hashing=float(n_p * c * plane_nonzeros),
+        merge_inputs=n_p * patch_area * (c * ratio + merging),
+        merge_filters=n_p * m * c * ratio * k2,
+        reduced_conv=2.0 * out_h * out_w * k2 * c * (1.0 - ratio) * m,
+    )
+
+
+def static_shapes(
+    model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
+) -> dict[str, list[int]]:
+    """Every tensor's shape with the graph inputs fixed to ``input_shapes`` (shape inference)."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in fixed.graph.input:
+        if value.name in input_shapes:
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims, input_shapes[value.name]):
+                dim.Clear()
+                dim.dim_value = int(size)
+    inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
+    shapes: dict[str, list[int]] = {}
+    graph = inferred.graph
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            shapes[value.name] = [d.dim_value for d in dims]
+    for t in graph.initializer:
+        shapes[t.name] = list(t.dims)
+    return shapes
+
+
+def node_flops(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> float | None:
+    """FLOPs of a Conv, Gemm or MatMul node for the whole batch, or None if unknown."""
+    if node.op_type == "Conv":
+        w, y = shapes.get(node.input[1]), shapes.get(node.output[0])
+        if w is None or y is None or len(y) < 3:
+            return None
+        spatial = int(np.prod(y[2:]))
+        return y[0] * 2.0 * spatial * int(np.prod(w[2:])) * w[1] * w[0]
+    if node.op_type == "Gemm":
+        a, y = shapes.get(node.input[0]), shapes.get(node.output[0])
+        if a is None or y is None:
+            return None
+        inner = a[0] if ir.attribute(node, "transA", 0) else a[1]
+        return 2.0 * y[0] * y[1] * inner
+    if node.op_type == "MatMul":
+        a, y = shapes.get(node.input[0]), shapes.get(node.output[0])
+        if a is None or y is None:
+            return None
+        return 2.0 * float(np.prod(y)) * a[-1]
+    return None

@@ -1,0 +1,136 @@
+"""The tensors a verification runs on: seeded random ones shaped from the model, or the user's."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from haste_onnx.errors import InputError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+
+@dataclass(frozen=True)
+class Feeds:
+    """Named input arrays and a sentence saying what they are."""
+
+    arrays: dict[str, np.ndarray]
+    description: str
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    initializers = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in initializers]
+
+
+def resolve_shape(
+    value: onnx.ValueInfoProto, batch: int, dims: Mapping[str, int]
+) -> tuple[int, ...]:
+    """A concrete shape for a graph input: symbolic dims from ``dims``, axis 0 from ``batch``."""
+    shape = []
+    for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+        if dim.HasField("dim_value") and dim.dim_value > 0:
+            shape.append(dim.dim_value)
+        elif dim.dim_param and dim.dim_param in dims:
+            shape.append(int(dims[dim.dim_param]))
+        elif axis == 0:
+            shape.append(batch)
+        else:
+            label = dim.dim_param or "?"
+            raise InputError(
+                f"input {value.name!r} has a dynamic dimension {label!r} at axis {axis}: "
+                f"give its size, e.g. --dim {label if dim.dim_param else 'NAME'}=32"
+            )
+    return tuple(shape)
+
+
+def random_feeds(
+    model: onnx.ModelProto, batch: int = 2, dims: Mapping[str, int] | None = None, seed: int = 0
+) -> Feeds:
+    """Standard-normal float32 tensors for every graph input, from a seeded generator."""
+    rng = np.random.default_rng(seed)
+    arrays, shapes = {}, []
+    for value in _graph_inputs(model):
+        if value.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+            raise InputError(
+                f"input {value.name!r} is not float32; give your own inputs (--inputs)"
+            )
+        shape = resolve_shape(value, batch, dims or {})
+        arrays[value.name] = rng.standard_normal(shape).astype(np.float32)
+        shapes.append(f"{value.name} {list(shape)}")
+    return Feeds(arrays, f"seeded random normal tensors (seed {seed}): {', '.join(shapes)}")
+
+
+def _load_images(folder: Path, shape: tuple[int, ...]) -> np.ndarray:
+    from PIL import Image  # optional: only image folders need it
+
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise InputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+    if len(shape) != 4:
+        raise InputError(
+            f"an image folder needs a 4-D [N, C, H, W] input, the model has {list(shape)}"
+        )
+    _, channels, height, width = shape
+    mode = {1: "L", 3: "RGB"}.get(channels)
+    if mode is None:
+        raise InputError(f"an image folder needs 1 or 3 input channels, the model has {channels}")
+    images = []
+    for path in files:
+        with Image.open(path) as img:
+            img = img.convert(mode).resize((width, height))
+            array = np.asarray(img, dtype=np.float32) / 255.0
+        images.append(array[None] if channels == 1 else array.transpose(2, 0, 1))
+    return np.stack(images)
+
+
+def user_feeds(
+    model: onnx.ModelProto, path: str | Path, dims: Mapping[str, int] | None = None
+) -> Feeds:
+    """Inputs from a .npy (one-input models), a .npz (keys are input names) or an image folder
+    (pixels scaled to [0, 1], resized to the input's height and width)."""
+    path = Path(path)
+    inputs = _graph_inputs(model)
+    names = [i.name for i in inputs]
+    if not path.exists():
+        raise InputError(f"inputs not found: {path}")
+    if path.is_dir():
+        if len(inputs) != 1:
+            raise InputError(f"an image folder can feed a one-input model; this one has {names}")
+        shape = resolve_shape(inputs[0], 1, dims or {})
+        arrays = {names[0]: _load_images(path, shape)}
+    elif path.suffix == ".npy":
+        if len(inputs) != 1:
+            raise InputError(
+                f"a .npy file can feed a one-input model; this one has {names}: use .npz"
+            )
+        arrays = {names[0]: np.load(path, allow_pickle=False)}
+    elif path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            missing = sorted(set(names) - set(data.files))
+            if missing:
+                raise InputError(f"{path} lacks arrays for inputs {missing} (it has {data.files})")
+            arrays = {name: data[name] for name in names}
+    else:
+        raise InputError(f"inputs must be a .npy or .npz file or an image folder, got {path}")
+    for value in inputs:
+        array = arrays[value.name]
+        if array.dtype == np.float64:
+            arrays[value.name] = array = array.astype(np.float32)
+        expected = value.type.tensor_type.shape.dim
+        if array.ndim != len(expected) or any(
+            d.HasField("dim_value") and d.dim_value != s for d, s in zip(expected, array.shape)
+        ):
+            want = [
+                d.dim_value if d.HasField("dim_value") else d.dim_param or "?" for d in expected
+            ]
+            raise InputError(
+                f"input {value.name!r}: array of shape {list(array.shape)} does not "
+                f"fit the model's {want}"
+            )
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items())
+    return Feeds(arrays, f"user inputs from {path}: {shapes}")

@@ -1,0 +1,174 @@
+"""Model access in one place: loading, atomic saving, constants, names."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from haste_onnx.errors import InputError
+
+PROTOBUF_LIMIT = 2**31 - 1
+"""Models whose serialized size would exceed this must keep their tensors as external data."""
+
+
+def load(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Load a model (with its external data), turning every failure into one clear line."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"model file not found: {path}")
+    if not path.is_file():
+        raise InputError(f"not a file: {path}")
+    try:
+        model = onnx.load(path, load_external_data=True)
+    except Exception as exc:  # protobuf and onnx raise many unrelated types here
+        raise InputError(
+            f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc})"
+        ) from None
+    if not model.graph.node:
+        raise InputError(f"{path} is not a readable ONNX model: its graph has no nodes")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise InputError(f"{path} does not pass onnx.checker: {exc}") from None
+    return model
+
+
+def has_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def too_large(model: onnx.ModelProto) -> bool:
+    """Whether the model cannot be serialized as one protobuf (2 GB limit)."""
+    return model.ByteSize() >= PROTOBUF_LIMIT
+
+
+def save(model: onnx.ModelProto, path: str | os.PathLike[str], external_data: bool) -> list[Path]:
+    """Write ``model`` to ``path`` atomically; tensors go to ``<name>.data`` when asked or needed.
+
+    Everything is written into a temporary directory beside ``path`` and moved into place only
+    when complete, so a failure leaves no partial file and never touches an existing one.
+    Returns the files written.
+    """
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise InputError(f"output directory does not exist: {directory}")
+    if not os.access(directory, os.W_OK):
+        raise InputError(f"output directory is not writable: {directory}")
+    external = external_data or too_large(model)
+    data_name = path.name + ".data"
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".haste-onnx-") as tmp:
+        staged = Path(tmp) / path.name
+        if external:
+            onnx.save_model(
+                model,
+                staged,
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
+        else:
+            onnx.save_model(model, staged)
+        written = [path]
+        if external:
+            os.replace(Path(tmp) / data_name, directory / data_name)
+            written.append(directory / data_name)
+        os.replace(staged, path)
+    return written
+
+
+def session_source(model: onnx.ModelProto) -> bytes | str:
+    """What onnxruntime should load: the serialized model, or, past the protobuf limit, a file
+    with external data in a temporary directory that lives as long as the process."""
+    if not too_large(model):
+        return model.SerializeToString()
+    directory = tempfile.mkdtemp(prefix="haste-onnx-session-")
+    _SESSION_DIRS.append(directory)
+    path = Path(directory) / "model.onnx"
+    onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
+    return str(path)
+
+
+_SESSION_DIRS: list[str] = []
+
+
+@atexit.register
+def _remove_session_dirs() -> None:
+    for directory in _SESSION_DIRS:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in graph.initializer}
+
+
+def constant_value(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
+    """The value of ``name`` when it is an initializer or the output of a Constant node."""
+    for t in graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and name in node.output:
+            attr = node.attribute[0]
+            if attr.name == "value":
+                return numpy_helper.to_array(attr.t)
+            return np.asarray(onnx.helper.get_attribute_value(attr), dtype=np.float32)
+    return None
+
+
+def graph_output_names(graph: onnx.GraphProto) -> set[str]:
+    return {o.name for o in graph.output}
+
+
+def remove_unused_initializers(graph: onnx.GraphProto, keep: Iterable[str] = ()) -> None:
+    used = {name for node in graph.node for name in node.input}
+    used |= graph_output_names(graph) | set(keep)
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
+def dead_outputs(graph: onnx.GraphProto) -> set[str]:
+    """Outputs of nodes whose every output is unused (transitively)."""
+    live = graph_output_names(graph)
+    dead: set[str] = set()
+    for node in reversed(graph.node):
+        if any(o in live for o in node.output):
+            live.update(node.input)
+        else:
+            dead.update(o for o in node.output if o)
+    return dead
+
+
+def remove_newly_dead_nodes(graph: onnx.GraphProto, dead_before: set[str]) -> None:
+    """Remove nodes that a rewrite left without any use (e.g. the Constant of a replaced weight),
+    keeping nodes that were already unused before it."""
+    dead = dead_outputs(graph) - dead_before
+    kept = [n for n in graph.node if not any(o in dead for o in n.output)]
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def unique_name(taken: set[str], base: str) -> str:
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def attribute(node: onnx.NodeProto, name: str, default: object = None) -> object:
+    for attr in node.attribute:
+        if attr.name == name:
+            value = onnx.helper.get_attribute_value(attr)
+            return value.decode() if isinstance(value, bytes) else value
+    return default

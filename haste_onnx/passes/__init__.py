@@ -1,0 +1,1 @@
+"""Graph passes: folding and the HASTE rewrite."""

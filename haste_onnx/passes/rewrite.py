@@ -1,0 +1,363 @@
+"""Which Conv nodes become HasteConv, and the rewrite itself.
+
+Every eligibility rule is a check that returns the reason it refuses (or None); the reasons are
+kept for the report. The rewrite folds a following BatchNormalization into the filters, fuses a
+Relu that is the Conv's only consumer, draws each layer's hyperplanes from its own seeded
+generator and replaces the Conv node in place, keeping its name and its output tensor name.
+"""
+
+from __future__ import annotations
+
+import copy
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from haste_onnx import ir, opdef
+from haste_onnx.errors import InputError
+from haste_onnx.hashing import check_num_planes, make_planes
+from haste_onnx.passes.fold import as_initializer, fold_batchnorm, fold_constant_inputs
+
+SUPPORTED_KERNELS = (1, 3, 5, 7)
+
+
+@dataclass(frozen=True)
+class HasteOptions:
+    """Hyperparameters and policy. Defaults are the paper's CIFAR-10 setting."""
+
+    num_planes: int = 14
+    sparsity: float | None = 2 / 3
+    tile: int = opdef.DEFAULT_TILE
+    seed: int = 0
+    min_channels: int = 8
+    skip_first: int = 0
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    layer_planes: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_num_planes(self.num_planes)
+        for name, value in self.layer_planes.items():
+            try:
+                check_num_planes(value)
+            except ValueError as exc:
+                raise ValueError(f"layer {name!r}: {exc}") from None
+        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"s (sparsity) = {self.sparsity} is out of range: allowed is [0, 1)")
+        if self.tile < 1:
+            raise ValueError(f"tile (T) = {self.tile} must be >= 1")
+        if self.skip_first < 0:
+            raise ValueError(f"skip_first = {self.skip_first} must be >= 0")
+        if self.min_channels < 1:
+            raise ValueError(f"min_channels = {self.min_channels} must be >= 1")
+
+
+@dataclass(frozen=True)
+class ConvSite:
+    """What the rules look at for one Conv node."""
+
+    node: onnx.NodeProto
+    index: int  # position in the graph's node list
+    name: str
+    weight: np.ndarray | None
+    bias: np.ndarray | None
+    bias_missing: bool  # the bias input names a tensor that is not constant
+
+
+@dataclass(frozen=True)
+class ConvDecision:
+    """One Conv node of the original model and what happened to it."""
+
+    name: str
+    in_channels: int | None
+    out_channels: int | None
+    kernel: tuple[int, ...] | None
+    converted: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """A HasteConv node written by the rewrite."""
+
+    name: str
+    input: str
+    output: str
+    in_channels: int
+    out_channels: int
+    kernel: int
+    pads: tuple[int, int, int, int]
+    tile: int
+    num_planes: int
+    plane_nonzeros: int
+    fused_batchnorm: bool
+    fused_relu: bool
+
+
+Rule = Callable[[ConvSite], "str | None"]
+
+
+def _ints(node: onnx.NodeProto, name: str, default: list[int]) -> list[int]:
+    return list(ir.attribute(node, name, default))  # type: ignore[call-overload]
+
+
+def _is_2d(site: ConvSite) -> str | None:
+    if site.weight is not None and site.weight.ndim != 4:
+        return f"not a 2-D convolution (weight has rank {site.weight.ndim})"
+    return None
+
+
+def _group_one(site: ConvSite) -> str | None:
+    group = ir.attribute(site.node, "group", 1)
+    return None if group == 1 else f"group {group} (grouped or depthwise convolution)"
+
+
+def _dilation_one(site: ConvSite) -> str | None:
+    dilations = _ints(site.node, "dilations", [1, 1])
+    return None if all(d == 1 for d in dilations) else f"dilations {dilations}"
+
+
+def _stride_one(site: ConvSite) -> str | None:
+    strides = _ints(site.node, "strides", [1, 1])
+    return None if all(s == 1 for s in strides) else f"stride {strides} (downsampling)"
+
+
+def _constant_weight(site: ConvSite) -> str | None:
+    if site.weight is None:
+        return "weight is computed at run time, not a constant — HASTE needs constant filters"
+    if site.bias_missing:
+        return "bias is computed at run time, not a constant"
+    if site.weight.dtype != np.float32:
+        return f"weight is {site.weight.dtype}, HasteConv computes in float32"
+    return None
+
+
+def _supported_kernel(site: ConvSite) -> str | None:
+    assert site.weight is not None
+    kh, kw = site.weight.shape[2:]
+    if kh != kw or kh not in SUPPORTED_KERNELS:
+        return f"kernel {kh}x{kw} (supported: square {', '.join(map(str, SUPPORTED_KERNELS))})"
+    return None
+
+
+def _explicit_pads(node: onnx.NodeProto, kernel: int) -> tuple[int, int, int, int] | None:
+    auto_pad = ir.attribute(node, "auto_pad", "NOTSET")
+    if auto_pad == "VALID":
+        return (0, 0, 0, 0)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        lo, hi = (kernel - 1) // 2, kernel - 1 - (kernel - 1) // 2
+        if auto_pad == "SAME_LOWER":
+            lo, hi = hi, lo
+        return (lo, lo, hi, hi)
+    pads = _ints(node, "pads", [0, 0, 0, 0])
+    return (pads[0], pads[1], pads[2], pads[3]) if len(pads) == 4 else None
+
+
+def _padding(site: ConvSite) -> str | None:
+    assert site.weight is not None
+    pads = _explicit_pads(site.node, site.weight.shape[2])
+    if pads is None or min(pads) < 0:
+        return f"unsupported padding {_ints(site.node, 'pads', [])}"
+    return None
+
+
+HARD_RULES: tuple[Rule, ...] = (
+    _constant_weight,
+    _is_2d,
+    _group_one,
+    _dilation_one,
+    _stride_one,
+    _supported_kernel,
+    _padding,
+)
+"""Rules no option overrides: the operator cannot run the node otherwise."""
+
+
+def _site_name(node: onnx.NodeProto, index: int) -> str:
+    return node.name or f"Conv_{index}({node.output[0]})"
+
+
+def _sites(model: onnx.ModelProto) -> list[ConvSite]:
+    graph = model.graph
+    convs = [
+        (i, n)
+        for i, n in enumerate(graph.node)
+        if n.op_type == "Conv" and n.domain in ("", "ai.onnx")
+    ]
+    wanted = {
+        name
+        for _, n in convs
+        for name in n.input[1:3]
+        if name and ir.constant_value(graph, name) is None
+    }
+    folded = fold_constant_inputs(model, wanted)
+    sites = []
+    for index, node in convs:
+
+        def value(name: str) -> np.ndarray | None:
+            v = ir.constant_value(graph, name)
+            return folded.get(name) if v is None else v
+
+        weight = value(node.input[1])
+        has_bias = len(node.input) > 2 and bool(node.input[2])
+        bias = value(node.input[2]) if has_bias else None
+        sites.append(
+            ConvSite(node, index, _site_name(node, index), weight, bias, has_bias and bias is None)
+        )
+    return sites
+
+
+def _check_names(sites: list[ConvSite], options: HasteOptions) -> None:
+    known = {s.name for s in sites}
+    for option, names in (
+        ("include", options.include),
+        ("exclude", options.exclude),
+        ("layer L", tuple(options.layer_planes)),
+    ):
+        unknown = sorted(set(names) - known)
+        if unknown:
+            listing = ", ".join(sorted(known)) or "none"
+            raise InputError(
+                f"{option}: no Conv named {', '.join(unknown)} (Conv nodes: {listing})"
+            )
+
+
+def decide(
+    model: onnx.ModelProto, options: HasteOptions
+) -> tuple[list[ConvSite], list[ConvDecision]]:
+    """Apply the eligibility rules to every Conv of the main graph, in graph order."""
+    sites = _sites(model)
+    _check_names(sites, options)
+    decisions = []
+    eligible_seen = 0
+    for site in sites:
+        reason = next((r for rule in HARD_RULES if (r := rule(site))), None)
+        forced = site.name in options.include
+        c = None if site.weight is None or site.weight.ndim < 2 else int(site.weight.shape[1])
+        if reason is None and site.name in options.exclude:
+            reason = "excluded by the user"
+        elif reason is None and not forced:
+            assert c is not None
+            if c < options.min_channels:
+                reason = f"only {c} input channels (< {options.min_channels}): too few to merge"
+            elif eligible_seen < options.skip_first:
+                eligible_seen += 1
+                reason = f"among the first {options.skip_first} eligible convs (skip_first)"
+        w = site.weight
+        decisions.append(
+            ConvDecision(
+                name=site.name,
+                in_channels=c,
+                out_channels=None if w is None else int(w.shape[0]),
+                kernel=None if w is None else tuple(int(k) for k in w.shape[2:]),
+                converted=reason is None,
+                reason=reason or "",
+            )
+        )
+    return sites, decisions
+
+
+def layer_planes(options: HasteOptions, name: str, num_planes: int, patch: int) -> np.ndarray:
+    """The hyperplanes of one layer: a generator seeded by the seed and the layer's name, so a
+    layer's planes do not depend on which other layers are converted."""
+    rng = np.random.default_rng([options.seed, zlib.crc32(name.encode())])
+    return make_planes(num_planes, patch * patch, options.sparsity, rng)
+
+
+def _sole_consumer(graph: onnx.GraphProto, name: str, op_type: str) -> int | None:
+    """Index of the node of type ``op_type`` that is the only user of tensor ``name``."""
+    users = [i for i, n in enumerate(graph.node) if name in n.input]
+    if len(users) != 1 or name in ir.graph_output_names(graph):
+        return None
+    node = graph.node[users[0]]
+    return users[0] if node.op_type == op_type and node.domain in ("", "ai.onnx") else None
+
+
+def rewrite(
+    model: onnx.ModelProto, options: HasteOptions
+) -> tuple[onnx.ModelProto, list[ConvDecision], list[LayerPlan]]:
+    """Return a converted copy of ``model``, the decision for every Conv, and the layers made."""
+    sites, decisions = decide(model, options)
+    out = copy.deepcopy(model)
+    graph = out.graph
+    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    drop: set[int] = set()
+    plans = []
+    for site, decision in zip(sites, decisions):
+        if not decision.converted:
+            continue
+        node = site.node
+        assert site.weight is not None
+        weight, bias = site.weight, site.bias
+        output = node.output[0]
+        bn = _sole_consumer(model.graph, output, "BatchNormalization")
+        folded = None
+        if bn is not None and len([o for o in graph.node[bn].output if o]) == 1:
+            folded = fold_batchnorm(weight, bias, graph.node[bn], model.graph)
+        if folded is not None:
+            assert bn is not None
+            weight, bias = folded
+            output = graph.node[bn].output[0]
+            drop.add(bn)
+        relu = _sole_consumer(model.graph, output, "Relu")
+        if relu is not None:
+            output = graph.node[relu].output[0]
+            drop.add(relu)
+        k = int(weight.shape[2])
+        num_planes = options.layer_planes.get(site.name, options.num_planes)
+        planes = layer_planes(options, site.name, num_planes, options.tile + k - 1)
+        base = node.name or node.output[0]
+        w_name = ir.unique_name(taken, f"{base}.haste.weight")
+        p_name = ir.unique_name(taken, f"{base}.haste.planes")
+        graph.initializer.extend([as_initializer(weight, w_name), as_initializer(planes, p_name)])
+        b_name = None
+        if bias is not None:
+            b_name = ir.unique_name(taken, f"{base}.haste.bias")
+            graph.initializer.append(as_initializer(bias.astype(np.float32), b_name))
+        pads = _explicit_pads(node, k)
+        assert pads is not None
+        haste = opdef.make_node(
+            node.input[0],
+            w_name,
+            p_name,
+            output,
+            bias=b_name,
+            kernel=k,
+            pads=pads,
+            tile=options.tile,
+            activation="Relu" if relu is not None else "",
+            name=node.name,
+        )
+        graph.node[site.index].CopyFrom(haste)
+        plans.append(
+            LayerPlan(
+                name=site.name,
+                input=node.input[0],
+                output=output,
+                in_channels=int(weight.shape[1]),
+                out_channels=int(weight.shape[0]),
+                kernel=k,
+                pads=pads,
+                tile=options.tile,
+                num_planes=num_planes,
+                plane_nonzeros=int(np.count_nonzero(planes)),
+                fused_batchnorm=folded is not None,
+                fused_relu=relu is not None,
+            )
+        )
+    kept = [n for i, n in enumerate(graph.node) if i not in drop]
+    del graph.node[:]
+    graph.node.extend(kept)
+    ir.remove_newly_dead_nodes(graph, ir.dead_outputs(model.graph))
+    produced = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+    produced |= {t.name for t in graph.initializer}
+    stale = [v for v in graph.value_info if v.name not in produced]
+    for v in stale:
+        graph.value_info.remove(v)
+    ir.remove_unused_initializers(graph)
+    if plans and not any(o.domain == opdef.DOMAIN for o in out.opset_import):
+        out.opset_import.append(onnx.helper.make_opsetid(opdef.DOMAIN, opdef.OPSET_VERSION))
+    return out, decisions, plans

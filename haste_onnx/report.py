@@ -1,0 +1,273 @@
+"""The FLOPs report: per-layer and whole-model numbers, as JSON, a text table and a PNG plot.
+
+The JSON schema is documented in ``docs/report.md``; ``SCHEMA`` changes whenever a field
+changes meaning or disappears.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from haste_onnx import flops
+from haste_onnx.errors import InputError
+from haste_onnx.flops import HasteFlops
+from haste_onnx.passes.rewrite import ConvDecision, LayerPlan
+from haste_onnx.verify import LayerRun
+
+SCHEMA = "haste-onnx/report/1"
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """A converted Conv: its shape, hyperparameters, measured statistics and FLOPs per image."""
+
+    name: str
+    in_channels: int
+    out_channels: int
+    kernel: int
+    out_h: int
+    out_w: int
+    num_planes: int
+    tile: int
+    ratio: float
+    merging: float
+    flops: HasteFlops
+    fused_batchnorm: bool
+    fused_relu: bool
+
+
+@dataclass(frozen=True)
+class SkippedConv:
+    name: str
+    reason: str
+    flops: float | None  # per image, None when shapes are unknown
+
+
+@dataclass(frozen=True)
+class FlopsReport:
+    """FLOPs per image, measured on ``inputs``. Counted ops: Conv, Gemm, MatMul (and HasteConv)."""
+
+    inputs: str
+    layers: list[LayerReport]
+    skipped: list[SkippedConv]
+    other_flops: float  # Gemm and MatMul, left as they are
+    uncounted: list[str]  # Conv/Gemm/MatMul nodes whose shapes could not be inferred
+
+    @property
+    def converted_baseline(self) -> float:
+        return sum(layer.flops.baseline for layer in self.layers)
+
+    @property
+    def converted_haste(self) -> float:
+        return sum(layer.flops.total for layer in self.layers)
+
+    @property
+    def baseline_total(self) -> float:
+        return self.converted_baseline + self.unchanged
+
+    @property
+    def haste_total(self) -> float:
+        return self.converted_haste + self.unchanged
+
+    @property
+    def unchanged(self) -> float:
+        return self.other_flops + sum(s.flops or 0.0 for s in self.skipped)
+
+    @property
+    def reduction(self) -> float:
+        return 1.0 - self.haste_total / self.baseline_total if self.baseline_total else 0.0
+
+    @property
+    def mean_ratio(self) -> float:
+        """Mean r over converted layers, weighted by their baseline FLOPs."""
+        base = self.converted_baseline
+        return (
+            sum(layer.ratio * layer.flops.baseline for layer in self.layers) / base if base else 0.0
+        )
+
+
+def build(
+    original: onnx.ModelProto,
+    decisions: Sequence[ConvDecision],
+    plans: Sequence[LayerPlan],
+    runs: Sequence[LayerRun],
+    input_shapes: dict[str, tuple[int, ...]],
+    inputs: str,
+) -> FlopsReport:
+    """Assemble the report from the rewrite's decisions and the verification's measurements."""
+    batch = max((shape[0] for shape in input_shapes.values() if shape), default=1) or 1
+    shapes = flops.static_shapes(original, input_shapes)
+    run_by_name = {r.name: r for r in runs}
+    layers = []
+    for plan in plans:
+        run = run_by_name[plan.name]
+        layers.append(
+            LayerReport(
+                name=plan.name,
+                in_channels=plan.in_channels,
+                out_channels=plan.out_channels,
+                kernel=plan.kernel,
+                out_h=run.out_h,
+                out_w=run.out_w,
+                num_planes=plan.num_planes,
+                tile=plan.tile,
+                ratio=run.ratio,
+                merging=run.merging,
+                flops=flops.haste_flops(
+                    in_channels=plan.in_channels,
+                    out_channels=plan.out_channels,
+                    kernel=plan.kernel,
+                    out_h=run.out_h,
+                    out_w=run.out_w,
+                    tile=plan.tile,
+                    plane_nonzeros=plan.plane_nonzeros,
+                    ratio=run.ratio,
+                    merging=run.merging,
+                ),
+                fused_batchnorm=plan.fused_batchnorm,
+                fused_relu=plan.fused_relu,
+            )
+        )
+    converted = {p.name for p in plans}
+    reasons = {d.name: d.reason for d in decisions}
+    skipped, other, uncounted = [], 0.0, []
+    conv_index = 0
+    for index, node in enumerate(original.graph.node):
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or node.domain not in ("", "ai.onnx"):
+            continue
+        count = flops.node_flops(node, shapes)
+        per_image = None if count is None else count / batch
+        if count is None:
+            uncounted.append(node.name or f"{node.op_type}_{index}")
+        if node.op_type == "Conv":
+            name = decisions[conv_index].name
+            conv_index += 1
+            if name not in converted:
+                skipped.append(SkippedConv(name, reasons[name], per_image))
+        elif per_image is not None:
+            other += per_image
+    return FlopsReport(inputs, layers, skipped, other, uncounted)
+
+
+def _round(value: object) -> object:
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    if isinstance(value, dict):
+        return {k: _round(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_round(v) for v in value]
+    return value
+
+
+def flops_json(report: FlopsReport) -> dict[str, object]:
+    layers = []
+    for layer in report.layers:
+        entry = dataclasses.asdict(layer)
+        entry["flops"] = {
+            **dataclasses.asdict(layer.flops),
+            "total": layer.flops.total,
+            "reduction": layer.flops.reduction,
+        }
+        layers.append(entry)
+    return _round(
+        {
+            "inputs": report.inputs,
+            "layers": layers,
+            "skipped": [dataclasses.asdict(s) for s in report.skipped],
+            "totals": {
+                "baseline_flops": report.baseline_total,
+                "haste_flops": report.haste_total,
+                "reduction": report.reduction,
+                "converted_baseline_flops": report.converted_baseline,
+                "converted_haste_flops": report.converted_haste,
+                "unchanged_flops": report.unchanged,
+                "mean_ratio": report.mean_ratio,
+                "uncounted": report.uncounted,
+            },
+        }
+    )  # type: ignore[return-value]
+
+
+def dumps(document: dict[str, object]) -> str:
+    return json.dumps({"schema": SCHEMA, **document}, indent=2, sort_keys=False)
+
+
+def _human(value: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:.0f}"
+
+
+def table(report: FlopsReport) -> str:
+    """A fixed-width text table of the report, for terminals."""
+    header = (
+        f"{'layer':<28} {'C':>5} {'M':>5} {'K':>2} {'out':>9} {'L':>3} {'r':>6} "
+        f"{'m':>6} {'base':>9} {'haste':>9} {'saved':>7}"
+    )
+    lines = [f"FLOPs per image, measured on {report.inputs}", header, "-" * len(header)]
+    for layer in report.layers:
+        f = layer.flops
+        lines.append(
+            f"{layer.name[:28]:<28} {layer.in_channels:>5} {layer.out_channels:>5} "
+            f"{layer.kernel:>2} {f'{layer.out_h}x{layer.out_w}':>9} {layer.num_planes:>3} "
+            f"{layer.ratio:>6.1%} {layer.merging:>6.2f} {_human(f.baseline):>9} "
+            f"{_human(f.total):>9} {f.reduction:>7.1%}"
+        )
+    for skip in report.skipped:
+        flops_text = "?" if skip.flops is None else _human(skip.flops)
+        lines.append(f"{skip.name[:28]:<28} skipped ({flops_text} FLOPs): {skip.reason}")
+    lines.append("-" * len(header))
+    lines.append(
+        f"converted layers: {_human(report.converted_baseline)} -> "
+        f"{_human(report.converted_haste)} FLOPs; whole model (Conv, Gemm, MatMul): "
+        f"{_human(report.baseline_total)} -> {_human(report.haste_total)} "
+        f"({report.reduction:.1%} fewer), mean r {report.mean_ratio:.1%}"
+    )
+    if report.uncounted:
+        lines.append(f"not counted (unknown shapes): {', '.join(report.uncounted)}")
+    return "\n".join(lines)
+
+
+def plot(report: FlopsReport, path: str | Path) -> None:
+    """Per-layer compression ratio and FLOPs, baseline vs HASTE, as a PNG (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("--plot needs matplotlib: pip install 'haste-onnx[plot]'") from None
+    names = [layer.name for layer in report.layers]
+    x = range(len(names))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.5 * len(names) + 3), 7), sharex=True)
+    top.bar(x, [100 * layer.ratio for layer in report.layers], color="tab:blue")
+    top.set_ylabel("compression ratio r (%)")
+    top.set_title(f"HASTE per layer: {report.reduction:.1%} fewer FLOPs in total")
+    width = 0.4
+    bottom.bar(
+        [i - width / 2 for i in x],
+        [layer.flops.baseline / 1e6 for layer in report.layers],
+        width,
+        label="Conv",
+    )
+    bottom.bar(
+        [i + width / 2 for i in x],
+        [layer.flops.total / 1e6 for layer in report.layers],
+        width,
+        label="HASTE",
+    )
+    bottom.set_ylabel("MFLOPs per image")
+    bottom.set_xticks(list(x), names, rotation=60, ha="right", fontsize=8)
+    bottom.legend()
+    fig.tight_layout()
+    tmp = Path(path).with_name(Path(path).name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,204 @@
+"""Fidelity: original vs converted outputs, and the C++ kernel vs the numpy reference.
+
+Both models run under onnxruntime on the same inputs. The converted run also captures every
+HasteConv's input and output, so each layer is re-computed by the numpy reference on exactly
+the tensor the C++ kernel saw: that gives the kernel agreement and the measured ``r`` and ``m``
+the FLOPs report needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+from haste_onnx import ir, runtime
+from haste_onnx.passes.rewrite import LayerPlan
+from haste_onnx.reference import haste_conv
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """Pass/fail bounds. ``None`` switches a check off."""
+
+    min_cosine: float | None = 0.95
+    max_rel_l2: float | None = None
+    min_top1: float | None = None
+    kernel_rtol: float = 1e-4
+    max_kernel_mismatch: float = 1e-3
+
+
+@dataclass(frozen=True)
+class OutputFidelity:
+    """Original vs converted, one model output."""
+
+    name: str
+    max_abs: float
+    rel_l2: float
+    cosine: float
+    top1: float | None  # share of rows whose argmax agrees, for [N, classes] outputs
+
+
+@dataclass(frozen=True)
+class LayerRun:
+    """One HasteConv on the verification inputs: kernel agreement and measured statistics."""
+
+    name: str
+    out_h: int
+    out_w: int
+    ratio: float  # mean r over images and patches
+    merging: float  # mean m
+    kernel_rel_l2: float  # C++ vs numpy reference
+    kernel_mismatch: float  # share of outputs outside kernel_rtol
+
+
+@dataclass(frozen=True)
+class Verification:
+    inputs: str  # what the models ran on
+    batch: int
+    outputs: list[OutputFidelity]
+    layers: list[LayerRun]
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+def compare(name: str, reference: np.ndarray, actual: np.ndarray) -> OutputFidelity:
+    a = reference.astype(np.float64).ravel()
+    b = actual.astype(np.float64).ravel()
+    diff = np.abs(a - b)
+    norm_a, norm_b = np.linalg.norm(a), np.linalg.norm(b)
+    top1 = None
+    if reference.ndim == 2 and reference.shape[1] > 1:
+        top1 = float(np.mean(reference.argmax(axis=1) == actual.argmax(axis=1)))
+    return OutputFidelity(
+        name=name,
+        max_abs=float(diff.max()) if diff.size else 0.0,
+        rel_l2=float(np.linalg.norm(a - b) / norm_a) if norm_a > 0 else float(norm_b > 0),
+        cosine=float(a @ b / (norm_a * norm_b)) if norm_a * norm_b > 0 else float(norm_a == norm_b),
+        top1=top1,
+    )
+
+
+def _output_failures(results: Sequence[OutputFidelity], tol: Tolerances) -> list[str]:
+    failures = []
+    for r in results:
+        if tol.min_cosine is not None and r.cosine < tol.min_cosine:
+            failures.append(
+                f"output {r.name!r}: cosine similarity {r.cosine:.4f} < "
+                f"{tol.min_cosine} (--min-cosine {np.floor(r.cosine * 1e4) / 1e4:g} "
+                f"would pass)"
+            )
+        if tol.max_rel_l2 is not None and r.rel_l2 > tol.max_rel_l2:
+            failures.append(
+                f"output {r.name!r}: relative L2 error {r.rel_l2:.4g} > "
+                f"{tol.max_rel_l2} (--max-rel-l2 {np.ceil(r.rel_l2 * 1e4) / 1e4:g} "
+                f"would pass)"
+            )
+        if tol.min_top1 is not None and r.top1 is not None and r.top1 < tol.min_top1:
+            failures.append(
+                f"output {r.name!r}: top-1 agreement {r.top1:.4f} < {tol.min_top1} "
+                f"(--min-top1 {np.floor(r.top1 * 1e4) / 1e4:g} would pass)"
+            )
+    return failures
+
+
+def run_original(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(ir.session_source(model), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
+
+
+def run_with_captures(
+    model: onnx.ModelProto, feeds: dict[str, np.ndarray], capture: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """Run a converted model, also returning the tensors named in ``capture``."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = ir.graph_output_names(probe.graph) | set(feeds)
+    for name in dict.fromkeys(capture):
+        if name not in present:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+            probe.graph.output[-1].type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    session = runtime.make_session(ir.session_source(probe))
+    names = [o.name for o in session.get_outputs()]
+    results = dict(zip(names, session.run(names, feeds)))
+    results.update(feeds)
+    return results
+
+
+def _layer_run(
+    plan: LayerPlan,
+    tensors: dict[str, np.ndarray],
+    weights: dict[str, np.ndarray],
+    node: onnx.NodeProto,
+    tol: Tolerances,
+) -> LayerRun:
+    x, y = tensors[plan.input], tensors[plan.output]
+    bias = weights[node.input[2]] if node.input[2] else None
+    ref, stats = haste_conv(
+        x,
+        weights[node.input[1]],
+        weights[node.input[3]],
+        bias,
+        pads=plan.pads,
+        tile=plan.tile,
+        relu=plan.fused_relu,
+        return_stats=True,
+    )
+    diff = np.abs(ref.astype(np.float64) - y)
+    scale = max(float(np.sqrt(np.mean(ref.astype(np.float64) ** 2))), 1e-30)
+    mismatch = float(np.mean(diff > tol.kernel_rtol * np.maximum(np.abs(ref), scale)))
+    return LayerRun(
+        name=plan.name,
+        out_h=int(y.shape[2]),
+        out_w=int(y.shape[3]),
+        ratio=float(stats.ratio.mean()),
+        merging=float(stats.merging_buckets.mean()),
+        kernel_rel_l2=float(np.linalg.norm(diff) / max(np.linalg.norm(ref), 1e-30)),
+        kernel_mismatch=mismatch,
+    )
+
+
+def verify(
+    original: onnx.ModelProto,
+    converted: onnx.ModelProto,
+    plans: Sequence[LayerPlan],
+    feeds: dict[str, np.ndarray],
+    inputs_description: str,
+    tol: Tolerances,
+    progress: Progress | None = None,
+) -> Verification:
+    """Run both models on ``feeds`` and check fidelity and kernel agreement against ``tol``."""
+    say = progress or (lambda _: None)
+    say("running the original model")
+    expected = run_original(original, feeds)
+    say("running the converted model")
+    capture = [name for p in plans for name in (p.input, p.output)]
+    actual = run_with_captures(converted, feeds, capture)
+    outputs = [compare(name, expected[name], actual[name]) for name in expected]
+    nodes = {n.name or n.output[0]: n for n in converted.graph.node}
+    by_output = {n.output[0]: n for n in converted.graph.node}
+    weights = {t.name: numpy_helper.to_array(t) for t in converted.graph.initializer}
+    layers = []
+    for i, plan in enumerate(plans):
+        say(f"checking layer {i + 1}/{len(plans)} against the reference: {plan.name}")
+        node = by_output.get(plan.output) or nodes[plan.name]
+        layers.append(_layer_run(plan, actual, weights, node, tol))
+    failures = _output_failures(outputs, tol)
+    for layer in layers:
+        if layer.kernel_mismatch > tol.max_kernel_mismatch:
+            failures.append(
+                f"layer {layer.name!r}: the C++ kernel and the numpy reference disagree on "
+                f"{layer.kernel_mismatch:.3%} of outputs (allowed {tol.max_kernel_mismatch:.3%})"
+            )
+    batch = next(iter(feeds.values())).shape[0] if feeds else 0
+    return Verification(inputs_description, int(batch), outputs, layers, failures)
