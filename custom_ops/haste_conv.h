@@ -1,0 +1,69 @@
+// HasteConv (domain haste_onnx, version 1): a 2-D convolution whose input channels are merged,
+// output tile by output tile, when LSH finds them similar. Semantics: docs/operator.md.
+#pragma once
+
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <array>
+#include <cstdint>
+
+// The library is built with hidden visibility; these are its only exported symbols.
+#define HASTE_ONNX_EXPORT __attribute__((visibility("default")))
+
+namespace haste_onnx {
+
+// The node's attributes, validated when the kernel is created.
+struct HasteConvAttributes {
+  int64_t kernel = 0;             // from kernel_shape; 0 when absent (taken from W)
+  std::array<int64_t, 4> pads{};  // top, left, bottom, right
+  int64_t tile = 3;               // output tile edge T
+  bool relu = false;
+};
+
+class HasteConvKernel {
+ public:
+  explicit HasteConvKernel(const HasteConvAttributes& attrs) : attrs_(attrs) {}
+
+  // Never throws: every error becomes a status whose message starts with "HasteConv:".
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) const;
+
+ private:
+  void Compute(const Ort::KernelContext& context) const;
+
+  const HasteConvAttributes attrs_;
+};
+
+struct HasteConvOp : Ort::CustomOpBase<HasteConvOp, HasteConvKernel, /*WithStatus=*/true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
+
+  const char* GetName() const { return "HasteConv"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+
+  // Inputs X, W, B (optional), planes. Their element types are left open so that a wrong type
+  // reaches the kernel and gets a HasteConv error message instead of a generic type error.
+  size_t GetInputTypeCount() const { return 4; }
+  ONNXTensorElementDataType GetInputType(size_t) const {
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index == 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const {
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+};
+
+}  // namespace haste_onnx
+
+// Test hook: the hash codes HasteConv computes for X [N, C, H, W] (x_shape) with planes
+// [num_planes, P*P], written to codes [N, tiles_y, tiles_x, C], so that tests can compare them
+// with the reference bit for bit. pads is [top, left, bottom, right]. Returns 0, or 1 when the
+// shapes are invalid.
+extern "C" HASTE_ONNX_EXPORT int HasteConvTileCodes(const float* x, const int64_t* x_shape,
+                                                   const float* planes, int64_t num_planes,
+                                                   int64_t kernel, int64_t tile,
+                                                   const int64_t* pads, uint64_t* codes);
