@@ -106,13 +106,16 @@ def build_onnx(h5: Path, fold_bn: bool = True):
         return name
 
     def emit_conv(name: str) -> None:
+        """Emit the pending conv whose output is Keras layer ``name`` (the conv's own, or that
+        of the BN folded into it); the node keeps the Keras conv's name."""
         c = pending_conv.pop(name)
+        conv = c["name"]
         nodes.append(
             helper.make_node(
                 "Conv",
-                [c["x"], init(name + ".weight", c["w"]), init(name + ".bias", c["b"])],
+                [c["x"], init(conv + ".weight", c["w"]), init(conv + ".bias", c["b"])],
                 [name],
-                name=name,
+                name=conv,
                 kernel_shape=c["k"],
                 strides=c["s"],
                 pads=c["pads"],
@@ -163,6 +166,7 @@ def build_onnx(h5: Path, fold_bn: bool = True):
             kernel = wt["kernel"].transpose(3, 2, 0, 1).astype(np.float64)  # HWIO -> OIHW
             bias = wt.get("bias", np.zeros(kernel.shape[0])).astype(np.float64)
             pending_conv[name] = {
+                "name": name,
                 "x": x,
                 "w": kernel,
                 "b": bias,
