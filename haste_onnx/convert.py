@@ -108,7 +108,7 @@ def convert(
     written: list[Path] = []
     if verification.passed or force:
         say(f"writing {target}")
-        written = ir.save(converted, target, external_data=ir.has_external_data(original))
+        written = ir.save(converted, target, external_data=ir.uses_external_data(source))
     return ConversionResult(converted, decisions, plans, verification, flops_report, written)
 
 

@@ -41,7 +41,9 @@ def load(path: str | os.PathLike[str]) -> onnx.ModelProto:
     return model
 
 
-def has_external_data(model: onnx.ModelProto) -> bool:
+def uses_external_data(path: str | os.PathLike[str]) -> bool:
+    """Whether the model file keeps tensors in external data files (read without the data)."""
+    model = onnx.load(path, load_external_data=False)
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
@@ -156,6 +158,21 @@ def remove_newly_dead_nodes(graph: onnx.GraphProto, dead_before: set[str]) -> No
     kept = [n for n in graph.node if not any(o in dead for o in n.output)]
     del graph.node[:]
     graph.node.extend(kept)
+
+
+def list_initializers_as_inputs(graph: onnx.GraphProto, former: set[str]) -> None:
+    """Keep graph inputs in step with the initializers, as IR < 4 requires: drop the inputs of
+    ``former`` initializers that are gone, list new initializers as inputs."""
+    names = [t.name for t in graph.initializer]
+    kept = [i for i in graph.input if i.name not in former or i.name in names]
+    listed = {i.name for i in kept}
+    del graph.input[:]
+    graph.input.extend(kept)
+    graph.input.extend(
+        onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+        for t in graph.initializer
+        if t.name not in listed
+    )
 
 
 def unique_name(taken: set[str], base: str) -> str:

@@ -91,6 +91,12 @@ def compare(name: str, reference: np.ndarray, actual: np.ndarray) -> OutputFidel
 def _output_failures(results: Sequence[OutputFidelity], tol: Tolerances) -> list[str]:
     failures = []
     for r in results:
+        if not np.isfinite([r.max_abs, r.rel_l2, r.cosine]).all():
+            failures.append(
+                f"output {r.name!r}: non-finite values or errors (max abs "
+                f"{r.max_abs}, cosine {r.cosine})"
+            )
+            continue
         if tol.min_cosine is not None and r.cosine < tol.min_cosine:
             failures.append(
                 f"output {r.name!r}: cosine similarity {r.cosine:.4f} < "
@@ -154,16 +160,17 @@ def _layer_run(
         relu=plan.fused_relu,
         return_stats=True,
     )
-    diff = np.abs(ref.astype(np.float64) - y)
-    scale = max(float(np.sqrt(np.mean(ref.astype(np.float64) ** 2))), 1e-30)
-    mismatch = float(np.mean(diff > tol.kernel_rtol * np.maximum(np.abs(ref), scale)))
+    ref64 = ref.astype(np.float64)
+    diff = np.abs(ref64 - y)
+    scale = max(float(np.sqrt(np.mean(ref64**2))), 1e-30)
+    mismatch = float(np.mean(~(diff <= tol.kernel_rtol * np.maximum(np.abs(ref64), scale))))
     return LayerRun(
         name=plan.name,
         out_h=int(y.shape[2]),
         out_w=int(y.shape[3]),
         ratio=float(stats.ratio.mean()),
         merging=float(stats.merging_buckets.mean()),
-        kernel_rel_l2=float(np.linalg.norm(diff) / max(np.linalg.norm(ref), 1e-30)),
+        kernel_rel_l2=float(np.linalg.norm(diff) / max(np.linalg.norm(ref64), 1e-30)),
         kernel_mismatch=mismatch,
     )
 

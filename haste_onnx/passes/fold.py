@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
 from onnx import numpy_helper
 
 from haste_onnx import ir
@@ -18,8 +19,13 @@ def fold_constant_inputs(model: onnx.ModelProto, names: set[str]) -> dict[str, n
     """
     if not names:
         return {}
-    graph = gs.import_onnx(model)
-    graph.fold_constants(error_ok=True)
+    severity = G_LOGGER.severity
+    G_LOGGER.severity = G_LOGGER.ERROR  # the library prints nothing
+    try:
+        graph = gs.import_onnx(model)
+        graph.fold_constants(error_ok=True)
+    finally:
+        G_LOGGER.severity = severity
     tensors = graph.tensors()
     return {
         name: np.asarray(tensors[name].values)

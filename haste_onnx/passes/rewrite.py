@@ -358,6 +358,8 @@ def rewrite(
     for v in stale:
         graph.value_info.remove(v)
     ir.remove_unused_initializers(graph)
+    if out.ir_version < 4:  # before IR 4, every initializer is also listed as a graph input
+        ir.list_initializers_as_inputs(graph, {t.name for t in model.graph.initializer})
     if plans and not any(o.domain == opdef.DOMAIN for o in out.opset_import):
         out.opset_import.append(onnx.helper.make_opsetid(opdef.DOMAIN, opdef.OPSET_VERSION))
     return out, decisions, plans

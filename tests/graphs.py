@@ -1,0 +1,181 @@
+"""Small ONNX models built in code for the converter's tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+IR_VERSION = 8
+OPSET = 17
+
+
+class Net:
+    """Appends nodes and initializers; ``model()`` closes the graph."""
+
+    def __init__(self, seed: int = 0, channels: int = 3, size: int | str = 16) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.input_shape: list[int | str] = ["N", channels, size, size]
+        self.count = 0
+
+    def name(self, prefix: str) -> str:
+        self.count += 1
+        return f"{prefix}{self.count}"
+
+    def const(self, array: np.ndarray, prefix: str = "c") -> str:
+        name = self.name(prefix)
+        self.inits.append(numpy_helper.from_array(np.asarray(array, np.float32), name))
+        return name
+
+    def weight(self, m: int, c: int, k: int) -> np.ndarray:
+        """Filters with correlated output channels, so that the next layer's inputs merge."""
+        base = self.rng.standard_normal((3, c, k, k))
+        w = base[self.rng.integers(0, 3, m)] + 0.5 * self.rng.standard_normal((m, c, k, k))
+        return (w * np.sqrt(2.0 / (c * k * k))).astype(np.float32)
+
+    def conv(
+        self,
+        x: str,
+        c: int,
+        m: int,
+        k: int = 3,
+        stride: int = 1,
+        group: int = 1,
+        bias: bool = True,
+        name: str | None = None,
+        **attrs: object,
+    ) -> str:
+        name = name or self.name("conv")
+        w = self.weight(m, c // group, k)
+        inputs = [x, self.const(w, f"{name}.w")]
+        if bias:
+            inputs.append(self.const(self.rng.normal(0, 0.1, m), f"{name}.b"))
+        attrs.setdefault("pads", [k // 2] * 4)
+        self.nodes.append(
+            helper.make_node(
+                "Conv",
+                inputs,
+                [name + ".y"],
+                name=name,
+                kernel_shape=[k, k],
+                strides=[stride] * 2,
+                group=group,
+                **attrs,
+            )
+        )
+        return name + ".y"
+
+    def bn(self, x: str, m: int) -> str:
+        params = [
+            self.const(self.rng.uniform(0.5, 1.5, m)),
+            self.const(self.rng.normal(0, 0.2, m)),
+            self.const(self.rng.normal(0, 0.2, m)),
+            self.const(self.rng.uniform(0.5, 2.0, m)),
+        ]
+        out = self.name("bn")
+        self.nodes.append(
+            helper.make_node("BatchNormalization", [x, *params], [out], name=out, epsilon=1e-3)
+        )
+        return out
+
+    def op(self, op_type: str, *inputs: str, **attrs: object) -> str:
+        out = self.name(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
+        return out
+
+    def head(self, x: str, c: int, classes: int = 10) -> str:
+        pooled = self.op("Flatten", self.op("GlobalAveragePool", x))
+        w = self.const(self.rng.standard_normal((classes, c)) / np.sqrt(c))
+        return self.op("Gemm", pooled, w, self.const(np.zeros(classes)), transB=1)
+
+    def model(self, output: str, out_shape: list[int | str] | None = None) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            self.nodes,
+            "test",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, self.input_shape)],
+            [helper.make_tensor_value_info(output, TensorProto.FLOAT, out_shape)],
+            self.inits,
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+        model.ir_version = IR_VERSION
+        onnx.checker.check_model(model)
+        return model
+
+
+def resnet_like(seed: int = 0) -> onnx.ModelProto:
+    """Stem, two residual blocks with unfolded BN, a strided block with a 1x1 shortcut."""
+    n = Net(seed)
+    h = n.op("Relu", n.bn(n.conv("x", 3, 16, name="stem"), 16))
+    for i in range(2):
+        r = n.op("Relu", n.bn(n.conv(h, 16, 16, bias=False, name=f"block{i}.conv1"), 16))
+        r = n.bn(n.conv(r, 16, 16, bias=False, name=f"block{i}.conv2"), 16)
+        h = n.op("Relu", n.op("Add", h, r))
+    r = n.op("Relu", n.bn(n.conv(h, 16, 32, stride=2, name="down.conv1"), 32))
+    r = n.bn(n.conv(r, 32, 32, name="down.conv2"), 32)
+    s = n.bn(n.conv(h, 16, 32, k=1, stride=2, name="down.shortcut", pads=[0] * 4), 32)
+    h = n.op("Relu", n.op("Add", r, s))
+    return n.model(n.head(h, 32), ["N", 10])
+
+
+def vgg_like(seed: int = 1) -> onnx.ModelProto:
+    n = Net(seed)
+    h, c = "x", 3
+    for i, m in enumerate([16, 16, "pool", 32, 32]):
+        if m == "pool":
+            h = n.op("MaxPool", h, kernel_shape=[2, 2], strides=[2, 2])
+            continue
+        h = n.op("Relu", n.bn(n.conv(h, c, int(m), name=f"features.{i}"), int(m)))
+        c = int(m)
+    return n.model(n.head(h, c), ["N", 10])
+
+
+def depthwise(seed: int = 2) -> onnx.ModelProto:
+    """A 3x3 conv, a depthwise 3x3 conv and a pointwise 1x1 conv."""
+    n = Net(seed)
+    h = n.op("Relu", n.conv("x", 3, 16, name="stem"))
+    h = n.op("Relu", n.conv(h, 16, 16, group=16, name="dw"))
+    h = n.conv(h, 16, 24, k=1, pads=[0] * 4, name="pw")
+    return n.model(h, ["N", 24, 16, 16])
+
+
+def constant_node_weights(seed: int = 3) -> onnx.ModelProto:
+    """Weights from Constant nodes and from a ConstantOfShape -> Mul subgraph."""
+    n = Net(seed)
+    h = n.op("Relu", n.conv("x", 3, 16, name="stem"))
+    w = n.weight(16, 16, 3)
+    n.nodes.append(
+        helper.make_node(
+            "Constant", [], ["w_const"], name="w_const", value=numpy_helper.from_array(w)
+        )
+    )
+    n.nodes.append(
+        helper.make_node(
+            "Conv", [h, "w_const"], ["c1"], name="from_constant", kernel_shape=[3, 3], pads=[1] * 4
+        )
+    )
+    shape = n.op("Constant", value=numpy_helper.from_array(np.array([16, 16, 3, 3], np.int64)))
+    ones = n.op(
+        "ConstantOfShape", shape, value=numpy_helper.from_array(np.array([0.01], np.float32))
+    )
+    scaled = n.op("Mul", ones, n.const(n.rng.standard_normal((16, 16, 3, 3))))
+    n.nodes.append(
+        helper.make_node(
+            "Conv", ["c1", scaled], ["c2"], name="from_subgraph", kernel_shape=[3, 3], pads=[1] * 4
+        )
+    )
+    return n.model("c2", ["N", 16, 16, 16])
+
+
+def runtime_weight(seed: int = 4) -> onnx.ModelProto:
+    """A conv whose weight is computed from the graph input: it must be skipped."""
+    n = Net(seed, channels=16, size=8)
+    w = n.op("ReduceMean", "x", axes=[0, 2, 3], keepdims=1)  # [1, 16, 1, 1]
+    n.nodes.append(helper.make_node("Conv", ["x", w], ["y"], name="dynamic", kernel_shape=[1, 1]))
+    return n.model("y", ["N", 1, 8, 8])
+
+
+def no_conv() -> onnx.ModelProto:
+    n = Net()
+    return n.model(n.op("Relu", "x"), ["N", 3, 16, 16])

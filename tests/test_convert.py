@@ -1,0 +1,232 @@
+"""End-to-end conversion through the Python API."""
+
+from pathlib import Path
+
+import graphs
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx.reference import ReferenceEvaluator
+
+import haste_onnx
+from haste_onnx import flops, opdef
+from haste_onnx.convert import VerifyOptions, convert, inspect
+from haste_onnx.errors import InputError
+from haste_onnx.passes.rewrite import HasteOptions
+from haste_onnx.reference import HasteConv
+from haste_onnx.runtime import make_session
+from haste_onnx.verify import Tolerances
+
+EXAMPLE = Path(__file__).parent.parent / "models" / "example.onnx"
+LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+
+
+def save(model: onnx.ModelProto, tmp_path: Path, name: str = "model.onnx") -> Path:
+    path = tmp_path / name
+    onnx.save(model, path)
+    return path
+
+
+def by_name(result, name):
+    return next(d for d in result.decisions if d.name == name)
+
+
+def test_example_model_converts_verifies_and_runs(tmp_path):
+    out = tmp_path / "example.haste.onnx"
+    result = convert(EXAMPLE, out)
+    assert result.passed, result.verification.failures
+    assert result.written == [out]
+    assert [p.name for p in result.layers] == ["layer1", "block.conv1", "block.conv2", "layer2"]
+    assert "3 input channels" in by_name(result, "stem").reason
+    assert "stride [2, 2]" in by_name(result, "down").reason
+    model = onnx.load(out)
+    onnx.checker.check_model(model, full_check=True)
+    original = onnx.load(EXAMPLE)
+    assert model.ir_version == original.ir_version
+    assert {(o.domain, o.version) for o in model.opset_import} == {
+        ("", 17),
+        (opdef.DOMAIN, opdef.OPSET_VERSION),
+    }
+    assert model.graph.input == original.graph.input
+    assert model.graph.output == original.graph.output
+    x = np.random.default_rng(5).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    (y_cpp,) = make_session(str(out)).run(None, {"input": x})
+    (y_ref,) = ReferenceEvaluator(model, new_ops=[HasteConv]).run(None, {"input": x})
+    np.testing.assert_allclose(y_cpp, y_ref, rtol=1e-4, atol=1e-4)
+    (y_orig,) = ort.InferenceSession(str(EXAMPLE)).run(None, {"input": x})
+    cos = float(np.sum(y_orig * y_cpp) / np.linalg.norm(y_orig) / np.linalg.norm(y_cpp))
+    assert 0.95 < cos < 1.0 - 1e-7  # close, but really approximated
+    report = result.flops
+    assert 0.0 < report.mean_ratio < 1.0
+    assert report.haste_total < report.baseline_total
+    assert all(layer.kernel_mismatch == 0.0 for layer in result.verification.layers)
+
+
+def test_resnet_like_folds_bn_fuses_relu_and_keeps_strided_convs(tmp_path):
+    src = save(graphs.resnet_like(), tmp_path)
+    result = convert(src, tmp_path / "out.onnx")
+    assert result.passed, result.verification.failures
+    plans = {p.name: p for p in result.layers}
+    assert set(plans) == {
+        "block0.conv1",
+        "block0.conv2",
+        "block1.conv1",
+        "block1.conv2",
+        "down.conv2",
+    }
+    assert plans["block0.conv1"].fused_batchnorm and plans["block0.conv1"].fused_relu
+    assert plans["block0.conv2"].fused_batchnorm and not plans["block0.conv2"].fused_relu
+    for name in ("down.conv1", "down.shortcut"):
+        assert "stride [2, 2]" in by_name(result, name).reason
+    model = onnx.load(tmp_path / "out.onnx")
+    types = [n.op_type for n in model.graph.node]
+    assert types.count("HasteConv") == 5 and types.count("Conv") == 3
+    assert types.count("BatchNormalization") == 3  # stem and the two strided convs keep theirs
+    names = {n.name for n in model.graph.node if n.op_type == "HasteConv"}
+    assert names == set(plans)
+    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim.dim_param == "N"  # dynamic batch survives
+    x = np.random.default_rng(0).standard_normal((5, 3, 16, 16)).astype(np.float32)
+    assert make_session(str(tmp_path / "out.onnx")).run(None, {"x": x})[0].shape == (5, 10)
+
+
+def test_vgg_like_converts_every_conv_after_the_stem(tmp_path):
+    result = convert(save(graphs.vgg_like(), tmp_path), tmp_path / "out.onnx")
+    assert result.passed
+    assert [p.name for p in result.layers] == ["features.1", "features.3", "features.4"]
+
+
+def test_depthwise_conv_is_skipped_with_its_group(tmp_path):
+    result = convert(save(graphs.depthwise(), tmp_path), tmp_path / "out.onnx")
+    assert by_name(result, "dw").reason == "group 16 (grouped or depthwise convolution)"
+    assert [p.name for p in result.layers] == ["pw"]
+
+
+def test_constant_node_and_constant_subgraph_weights_are_folded(tmp_path):
+    result = convert(save(graphs.constant_node_weights(), tmp_path), tmp_path / "out.onnx")
+    assert result.passed, result.verification.failures
+    assert [p.name for p in result.layers] == ["from_constant", "from_subgraph"]
+    types = [n.op_type for n in onnx.load(tmp_path / "out.onnx").graph.node]
+    assert "ConstantOfShape" not in types and "Constant" not in types  # folded away
+
+
+def test_weight_computed_from_the_input_is_refused_with_its_reason(tmp_path):
+    src = save(graphs.runtime_weight(), tmp_path)
+    with pytest.raises(InputError, match="dynamic: weight is computed at run time"):
+        convert(src, tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_same_input_and_seed_give_byte_identical_files(tmp_path):
+    convert(EXAMPLE, tmp_path / "a.onnx")
+    convert(EXAMPLE, tmp_path / "b.onnx")
+    convert(EXAMPLE, tmp_path / "c.onnx", HasteOptions(seed=1))
+    a, b, c = ((tmp_path / f"{n}.onnx").read_bytes() for n in "abc")
+    assert a == b
+    assert a != c
+
+
+def test_external_data_models_load_and_save(tmp_path):
+    src = tmp_path / "ext.onnx"
+    onnx.save(
+        onnx.load(EXAMPLE),
+        src,
+        save_as_external_data=True,
+        location="ext.onnx.data",
+        size_threshold=0,
+    )
+    result = convert(src, tmp_path / "out.onnx")
+    assert result.passed
+    assert result.written == [tmp_path / "out.onnx", tmp_path / "out.onnx.data"]
+    model = onnx.load(tmp_path / "out.onnx", load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    x = np.zeros((1, 3, 32, 32), np.float32)
+    assert make_session(str(tmp_path / "out.onnx")).run(None, {"input": x})[0].shape == (1, 10)
+
+
+def test_fidelity_failure_writes_nothing_unless_forced(tmp_path):
+    strict = Tolerances(min_cosine=0.9999999)
+    out = tmp_path / "out.onnx"
+    result = convert(EXAMPLE, out, tolerances=strict)
+    assert not result.passed and result.written == [] and not out.exists()
+    assert "would pass" in result.verification.failures[0]
+    forced = convert(EXAMPLE, out, tolerances=strict, force=True)
+    assert not forced.passed and forced.written == [out] and out.exists()
+
+
+def test_existing_output_is_untouched_when_conversion_fails(tmp_path):
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"previous")
+    convert(EXAMPLE, out, tolerances=Tolerances(min_cosine=0.9999999))
+    assert out.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]
+
+
+def test_user_inputs_drive_the_verification(tmp_path):
+    x = np.random.default_rng(1).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    result = convert(EXAMPLE, tmp_path / "o.onnx", verify_options=VerifyOptions(tmp_path / "x.npy"))
+    assert result.verification.batch == 4
+    assert "x.npy" in result.flops.inputs
+
+
+def test_policy_options(tmp_path):
+    out = tmp_path / "o.onnx"
+    skip = convert(EXAMPLE, out, HasteOptions(skip_first=1, exclude=("layer2",)))
+    assert [p.name for p in skip.layers] == ["block.conv1", "block.conv2"]
+    assert "first 1 eligible" in by_name(skip, "layer1").reason
+    assert by_name(skip, "layer2").reason == "excluded by the user"
+    forced = convert(EXAMPLE, out, HasteOptions(include=("stem",), layer_planes={"layer1": 30}))
+    assert forced.layers[0].name == "stem"
+    assert {p.name: p.num_planes for p in forced.layers}["layer1"] == 30
+    with pytest.raises(InputError, match="no Conv named nope"):
+        convert(EXAMPLE, out, HasteOptions(exclude=("nope",)))
+
+
+def test_inspect_lists_every_conv_with_baseline_flops():
+    result = inspect(EXAMPLE)
+    assert [d.converted for d in result.decisions] == [False, True, True, True, True, False]
+    # stem: 2 * 32*32 * 9 * 3 * 32; layer1: 2 * 32*32 * 9 * 32 * 64; 3 more 3x3 64->64 and 1x1;
+    # the strided conv: 2 * 16*16 * 9 * 64 * 64; Gemm: 2 * 64 * 10
+    expected = (
+        2 * 1024 * 9 * (3 * 32 + 32 * 64 + 2 * 64 * 64)
+        + 2 * 1024 * 64 * 64
+        + 2 * 256 * 9 * 64 * 64
+        + 2 * 64 * 10
+    )
+    assert result.flops.baseline_total == expected
+
+
+def test_flops_terms_match_the_paper_formulas():
+    f = flops.haste_flops(
+        in_channels=64,
+        out_channels=128,
+        kernel=3,
+        out_h=8,
+        out_w=7,
+        tile=3,
+        plane_nonzeros=100,
+        ratio=0.5,
+        merging=4.0,
+    )
+    n_p = 3 * 3  # ceil(8/3) * ceil(7/3) tiles
+    assert f.baseline == 2 * 8 * 7 * 9 * 64 * 128
+    assert f.centering == 2 * n_p * 64 * 25
+    assert f.hashing == n_p * 64 * 100
+    assert f.merge_inputs == n_p * 25 * (64 * 0.5 + 4)
+    assert f.merge_filters == n_p * 128 * 64 * 0.5 * 9
+    assert f.reduced_conv == 2 * 8 * 7 * 9 * 64 * 0.5 * 128
+    assert f.reduction == pytest.approx(
+        1
+        - (f.centering + f.hashing + f.merge_inputs + f.merge_filters + f.reduced_conv) / f.baseline
+    )
+
+
+@pytest.mark.parametrize("name", ["light_resnet50.onnx", "light_vgg19.onnx"])
+def test_onnx_light_model_zoo_topologies(tmp_path, name):
+    result = convert(LIGHT / name, tmp_path / "out.onnx", verify_options=VerifyOptions(batch=1))
+    assert result.passed, result.verification.failures
+    assert len(result.layers) >= (40 if "resnet" in name else 14)
+    assert all(layer.kernel_mismatch <= 1e-3 for layer in result.verification.layers)
+    assert haste_onnx.__version__
