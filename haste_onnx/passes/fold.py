@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.logger import G_LOGGER
 from onnx import numpy_helper
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from haste_onnx import ir
 
