@@ -16,7 +16,7 @@ from haste_onnx import convert as api
 from haste_onnx import report
 from haste_onnx.errors import HasteError, InputError
 from haste_onnx.passes.rewrite import HasteOptions
-from haste_onnx.verify import Tolerances
+from haste_onnx.verify import Tolerances, Verification
 
 EXIT_FIDELITY, EXIT_USAGE = 1, 2
 
@@ -279,20 +279,66 @@ def _verify_options(kw: dict[str, Any]) -> api.VerifyOptions:
     )
 
 
-def _fidelity_lines(result: api.ConversionResult) -> list[str]:
+def _fidelity_lines(verification: Verification) -> list[str]:
     lines = []
-    for out in result.verification.outputs:
+    for out in verification.outputs:
         top1 = "" if out.top1 is None else f", top-1 agreement {out.top1:.1%}"
         lines.append(
             f"output {out.name}: cosine {out.cosine:.4f}, rel L2 {out.rel_l2:.4f}, "
             f"max abs {out.max_abs:.4g}{top1}"
         )
-    worst = max((layer.kernel_mismatch for layer in result.verification.layers), default=0.0)
+    worst = max((layer.kernel_mismatch for layer in verification.layers), default=0.0)
     lines.append(
-        f"C++ kernel vs numpy reference: {len(result.verification.layers)} layers, "
+        f"C++ kernel vs numpy reference: {len(verification.layers)} layers, "
         f"worst mismatch {worst:.4%} of outputs"
     )
     return lines
+
+
+def _report(
+    console: _Console,
+    kw: dict[str, Any],
+    flops: report.FlopsReport,
+    verification: Verification,
+    plot: Path | None,
+    extra: dict[str, object],
+) -> None:
+    """Print the table and fidelity, draw the plot, write the JSON."""
+    console.echo(report.table(flops))
+    console.echo()
+    for line in _fidelity_lines(verification):
+        console.echo(line)
+    if plot is not None:
+        report.plot(flops, plot)
+        console.echo(f"plot: {plot}")
+    _write_json(
+        kw["json_path"],
+        {
+            **extra,
+            "passed": verification.passed,
+            "failures": verification.failures,
+            "fidelity": [vars(o) for o in verification.outputs],
+            "kernel_agreement": [
+                {"name": r.name, "rel_l2": r.kernel_rel_l2, "mismatch": r.kernel_mismatch}
+                for r in verification.layers
+            ],
+            **report.flops_json(flops),
+        },
+    )
+
+
+def _tolerances(kw: dict[str, Any]) -> Tolerances:
+    return Tolerances(
+        min_cosine=kw["min_cosine"], max_rel_l2=kw["max_rel_l2"], min_top1=kw["min_top1"]
+    )
+
+
+_plot_option = click.option(
+    "--plot",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also draw r and FLOPs per layer into this PNG (needs matplotlib).",
+)
 
 
 @main.command()
@@ -305,12 +351,7 @@ def _fidelity_lines(result: api.ConversionResult) -> list[str]:
     help="Where to write the converted model. Default: MODEL with .haste.onnx.",
 )
 @click.option("--force", is_flag=True, help="Write the model even if verification fails.")
-@click.option(
-    "--plot",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Also draw r and FLOPs per layer into this PNG (needs matplotlib).",
-)
+@_plot_option
 @_haste_options
 @_input_options
 @_tolerance_options
@@ -318,39 +359,25 @@ def _fidelity_lines(result: api.ConversionResult) -> list[str]:
 def convert(model: Path, output: Path | None, force: bool, plot: Path | None, **kw: Any) -> None:
     """Rewrite eligible Convs of MODEL into HasteConv, verify, and report FLOPs."""
     console = _Console(kw["quiet"], kw["json_path"])
-    tolerances = Tolerances(
-        min_cosine=kw["min_cosine"], max_rel_l2=kw["max_rel_l2"], min_top1=kw["min_top1"]
-    )
     result = api.convert(
         model,
         output,
         _options(kw),
         _verify_options(kw),
-        tolerances,
+        _tolerances(kw),
         force,
         progress=console.progress,
     )
-    console.echo(report.table(result.flops))
-    console.echo()
-    for line in _fidelity_lines(result):
-        console.echo(line)
-    if plot is not None:
-        report.plot(result.flops, plot)
-        console.echo(f"plot: {plot}")
-    _write_json(
-        kw["json_path"],
+    _report(
+        console,
+        kw,
+        result.flops,
+        result.verification,
+        plot,
         {
             "model": str(model),
             "output": [str(p) for p in result.written],
-            "passed": result.passed,
-            "failures": result.verification.failures,
-            "fidelity": [vars(o) for o in result.verification.outputs],
-            "kernel_agreement": [
-                {"name": r.name, "rel_l2": r.kernel_rel_l2, "mismatch": r.kernel_mismatch}
-                for r in result.verification.layers
-            ],
             "options": {k: kw[k] for k in ("num_planes", "sparsity", "tile", "seed")},
-            **report.flops_json(result.flops),
         },
     )
     if not result.passed:
@@ -364,6 +391,35 @@ def convert(model: Path, output: Path | None, force: bool, plot: Path | None, **
             EXIT_FIDELITY,
         )
     console.echo(click.style(f"wrote {', '.join(map(str, result.written))}", fg="green"))
+
+
+@main.command()
+@click.argument("original", type=click.Path(path_type=Path))
+@click.argument("converted", type=click.Path(path_type=Path))
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of the random verification inputs."
+)
+@_plot_option
+@_input_options
+@_tolerance_options
+@_output_options
+def verify(original: Path, converted: Path, plot: Path | None, **kw: Any) -> None:
+    """Check CONVERTED (made earlier) against ORIGINAL and report its FLOPs."""
+    console = _Console(kw["quiet"], kw["json_path"])
+    result = api.verify_pair(
+        original, converted, _verify_options(kw), _tolerances(kw), progress=console.progress
+    )
+    _report(
+        console,
+        kw,
+        result.flops,
+        result.verification,
+        plot,
+        {"model": str(original), "converted": str(converted)},
+    )
+    if not result.passed:
+        _fail("fidelity check failed: " + "; ".join(result.verification.failures), EXIT_FIDELITY)
+    console.echo(click.style("passed", fg="green"))
 
 
 @main.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,14 @@ import onnx
 
 from haste_onnx import inputs, ir, report
 from haste_onnx.errors import InputError
-from haste_onnx.passes.rewrite import ConvDecision, HasteOptions, LayerPlan, decide, rewrite
+from haste_onnx.passes.rewrite import (
+    ConvDecision,
+    HasteOptions,
+    LayerPlan,
+    decide,
+    plans_of,
+    rewrite,
+)
 from haste_onnx.verify import Progress, Tolerances, Verification, verify
 
 
@@ -58,6 +66,8 @@ def check_output_path(source: Path, output: Path) -> None:
     directory = output.parent
     if not directory.is_dir():
         raise InputError(f"output directory does not exist: {directory}")
+    if not os.access(directory, os.W_OK):
+        raise InputError(f"output directory is not writable: {directory}")
 
 
 def make_feeds(model: onnx.ModelProto, options: VerifyOptions) -> inputs.Feeds:
@@ -129,3 +139,54 @@ def inspect(
     ]
     flops_report = report.build(model, skipped_all, [], [], shapes, feeds.description)
     return Inspection(decisions, flops_report)
+
+
+@dataclass(frozen=True)
+class PairResult:
+    """Verification and FLOPs of a model converted earlier, against its original."""
+
+    layers: list[LayerPlan]
+    verification: Verification
+    flops: report.FlopsReport
+
+    @property
+    def passed(self) -> bool:
+        return self.verification.passed
+
+
+def verify_pair(
+    original_path: str | Path,
+    converted_path: str | Path,
+    verify_options: VerifyOptions | None = None,
+    tolerances: Tolerances | None = None,
+    progress: Progress | None = None,
+) -> PairResult:
+    """Check an existing converted model against its original and measure its FLOPs."""
+    original, converted = ir.load(original_path), ir.load(converted_path)
+    plans = plans_of(converted)
+    if not plans:
+        raise InputError(f"{converted_path} has no HasteConv node: it is not a converted model")
+    feeds = make_feeds(original, verify_options or VerifyOptions())
+    verification = verify(
+        original,
+        converted,
+        plans,
+        feeds.arrays,
+        feeds.description,
+        tolerances or Tolerances(),
+        progress,
+    )
+    names = {p.name for p in plans}
+    decisions = [
+        dataclasses.replace(
+            d,
+            converted=d.name in names,
+            reason="" if d.name in names else "left as Conv in the converted model",
+        )
+        for d in decide(original, HasteOptions(min_channels=1))[1]
+    ]
+    shapes = {k: tuple(v.shape) for k, v in feeds.arrays.items()}
+    flops_report = report.build(
+        original, decisions, plans, verification.layers, shapes, feeds.description
+    )
+    return PairResult(plans, verification, flops_report)

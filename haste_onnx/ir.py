@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import copy
 import os
 import shutil
 import tempfile
@@ -67,24 +68,27 @@ def save(model: onnx.ModelProto, path: str | os.PathLike[str], external_data: bo
         raise InputError(f"output directory is not writable: {directory}")
     external = external_data or too_large(model)
     data_name = path.name + ".data"
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".haste-onnx-") as tmp:
-        staged = Path(tmp) / path.name
-        if external:
-            onnx.save_model(
-                model,
-                staged,
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=1024,
-            )
-        else:
-            onnx.save_model(model, staged)
-        written = [path]
-        if external:
-            os.replace(Path(tmp) / data_name, directory / data_name)
-            written.append(directory / data_name)
-        os.replace(staged, path)
+    try:
+        with tempfile.TemporaryDirectory(dir=directory, prefix=".haste-onnx-") as tmp:
+            staged = Path(tmp) / path.name
+            if external:  # saving to external data empties the tensors: work on a copy
+                onnx.save_model(
+                    copy.deepcopy(model),
+                    staged,
+                    save_as_external_data=True,
+                    all_tensors_to_one_file=True,
+                    location=data_name,
+                    size_threshold=1024,
+                )
+            else:
+                onnx.save_model(model, staged)
+            written = [path]
+            if external:
+                os.replace(Path(tmp) / data_name, directory / data_name)
+                written.append(directory / data_name)
+            os.replace(staged, path)
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
     return written
 
 

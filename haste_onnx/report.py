@@ -38,7 +38,7 @@ class LayerReport:
     ratio: float
     merging: float
     flops: HasteFlops
-    fused_batchnorm: bool
+    fused_batchnorm: bool | None
     fused_relu: bool
 
 
@@ -175,27 +175,25 @@ def flops_json(report: FlopsReport) -> dict[str, object]:
             "reduction": layer.flops.reduction,
         }
         layers.append(entry)
-    return _round(
-        {
-            "inputs": report.inputs,
-            "layers": layers,
-            "skipped": [dataclasses.asdict(s) for s in report.skipped],
-            "totals": {
-                "baseline_flops": report.baseline_total,
-                "haste_flops": report.haste_total,
-                "reduction": report.reduction,
-                "converted_baseline_flops": report.converted_baseline,
-                "converted_haste_flops": report.converted_haste,
-                "unchanged_flops": report.unchanged,
-                "mean_ratio": report.mean_ratio,
-                "uncounted": report.uncounted,
-            },
-        }
-    )  # type: ignore[return-value]
+    return {
+        "inputs": report.inputs,
+        "layers": layers,
+        "skipped": [dataclasses.asdict(s) for s in report.skipped],
+        "totals": {
+            "baseline_flops": report.baseline_total,
+            "haste_flops": report.haste_total,
+            "reduction": report.reduction,
+            "converted_baseline_flops": report.converted_baseline,
+            "converted_haste_flops": report.converted_haste,
+            "unchanged_flops": report.unchanged,
+            "mean_ratio": report.mean_ratio,
+            "uncounted": report.uncounted,
+        },
+    }
 
 
 def dumps(document: dict[str, object]) -> str:
-    return json.dumps({"schema": SCHEMA, **document}, indent=2, sort_keys=False)
+    return json.dumps(_round({"schema": SCHEMA, **document}), indent=2)
 
 
 def _human(value: float) -> str:

@@ -93,7 +93,7 @@ class LayerPlan:
     tile: int
     num_planes: int
     plane_nonzeros: int
-    fused_batchnorm: bool
+    fused_batchnorm: bool | None  # None: not known (read back from a converted model)
     fused_relu: bool
 
 
@@ -363,3 +363,36 @@ def rewrite(
     if plans and not any(o.domain == opdef.DOMAIN for o in out.opset_import):
         out.opset_import.append(onnx.helper.make_opsetid(opdef.DOMAIN, opdef.OPSET_VERSION))
     return out, decisions, plans
+
+
+def plans_of(model: onnx.ModelProto) -> list[LayerPlan]:
+    """The HasteConv layers of an already converted model, read back from its nodes."""
+    graph = model.graph
+    plans = []
+    for index, node in enumerate(graph.node):
+        if node.op_type != opdef.OP_TYPE or node.domain != opdef.DOMAIN:
+            continue
+        weight, planes = (
+            ir.constant_value(graph, node.input[1]),
+            ir.constant_value(graph, node.input[3]),
+        )
+        if weight is None or planes is None:
+            raise InputError(f"HasteConv {node.name!r}: weight and planes must be initializers")
+        pads = _ints(node, "pads", [0, 0, 0, 0])
+        plans.append(
+            LayerPlan(
+                name=node.name or f"{opdef.OP_TYPE}_{index}({node.output[0]})",
+                input=node.input[0],
+                output=node.output[0],
+                in_channels=int(weight.shape[1]),
+                out_channels=int(weight.shape[0]),
+                kernel=int(weight.shape[2]),
+                pads=(pads[0], pads[1], pads[2], pads[3]),
+                tile=int(ir.attribute(node, "tile", opdef.DEFAULT_TILE)),  # type: ignore[arg-type]
+                num_planes=int(planes.shape[0]),
+                plane_nonzeros=int(np.count_nonzero(planes)),
+                fused_batchnorm=None,
+                fused_relu=ir.attribute(node, "activation", "") == "Relu",
+            )
+        )
+    return plans

@@ -1,0 +1,186 @@
+"""The ``haste-onnx`` command: outputs, exit codes, and one clear line for every bad input."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import graphs
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from haste_onnx.cli.main import main
+
+EXAMPLE = Path(__file__).parent.parent / "models" / "example.onnx"
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture
+def example(tmp_path: Path) -> Path:
+    path = tmp_path / "example.onnx"
+    shutil.copy(EXAMPLE, path)
+    return path
+
+
+def test_convert_prints_report_and_writes_next_to_the_model(example, tmp_path):
+    proc = subprocess.run(["haste-onnx", "convert", str(example)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "example.haste.onnx").is_file()
+    for text in ("layer1", "block.conv2", "stride [2, 2] (downsampling)", "cosine", "fewer"):
+        assert text in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_json_to_stdout_is_the_documented_schema(example, tmp_path):
+    code, out, err = run(
+        "convert", example, "--json", "-", "-L", "20", "--plot", tmp_path / "plot.png"
+    )
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["schema"] == "haste-onnx/report/1"
+    assert doc["passed"] is True and doc["options"]["num_planes"] == 20
+    assert [layer["name"] for layer in doc["layers"]] == [
+        "layer1",
+        "block.conv1",
+        "block.conv2",
+        "layer2",
+    ]
+    layer = doc["layers"][0]
+    assert set(layer["flops"]) == {
+        "baseline",
+        "centering",
+        "hashing",
+        "merge_inputs",
+        "merge_filters",
+        "reduced_conv",
+        "total",
+        "reduction",
+    }
+    assert {s["name"]: s["reason"] for s in doc["skipped"]}["down"].startswith("stride")
+    totals = doc["totals"]
+    assert totals["haste_flops"] < totals["baseline_flops"]
+    assert "seeded random" in doc["inputs"]
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    assert "FLOPs per image" in err  # the table moves to stderr when stdout carries JSON
+
+
+def test_quiet_prints_nothing_on_success(example):
+    code, out, err = run("convert", example, "-q")
+    assert code == 0 and out == "" and err == ""
+
+
+def test_fidelity_failure_exits_1_and_writes_nothing(example, tmp_path):
+    code, _, err = run("convert", example, "--min-cosine", "0.9999999")
+    assert code == 1
+    assert "fidelity check failed" in err and "would pass" in err and "nothing written" in err
+    assert not (tmp_path / "example.haste.onnx").exists()
+    code, _, err = run("convert", example, "--min-cosine", "0.9999999", "--force", "-q")
+    assert code == 1 and (tmp_path / "example.haste.onnx").exists()
+
+
+def test_inspect_lists_convs_without_converting(example, tmp_path):
+    code, out, _ = run("inspect", example)
+    assert code == 0
+    assert "stem" in out and "skip: only 3 input channels" in out and "convert" in out
+    assert "4 of 6 convs eligible" in out
+    assert not (tmp_path / "example.haste.onnx").exists()
+
+
+def test_verify_checks_an_existing_pair(example, tmp_path):
+    assert run("convert", example, "-q")[0] == 0
+    code, out, err = run("verify", example, tmp_path / "example.haste.onnx", "--json", "-")
+    assert code == 0, err
+    assert json.loads(out)["passed"] is True
+    code, _, err = run("verify", example, example)
+    assert code == 2 and "no HasteConv node" in err
+
+
+def test_user_inputs_npz_and_dynamic_dims(tmp_path):
+    model = graphs.vgg_like()
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
+    model.graph.input[0].type.tensor_type.shape.dim[3].dim_param = "W"
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    code, _, err = run("convert", src)
+    assert code == 2 and "dynamic dimension 'H'" in err and "--dim H=" in err
+    assert run("convert", src, "--dim", "H=12", "--dim", "W=20", "-q")[0] == 0
+    x = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=x)
+    code, out, err = run("convert", src, "--inputs", tmp_path / "in.npz", "--json", "-", "-q")
+    assert code == 0, err
+    assert "user inputs" in json.loads(out)["inputs"]
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
+    (tmp_path / "text.onnx").write_text("this is not a model")
+    full = EXAMPLE.read_bytes()
+    (tmp_path / "truncated.onnx").write_bytes(full[: len(full) // 2])
+    onnx.save(graphs.no_conv(), tmp_path / "noconv.onnx")
+    onnx.save(graphs.runtime_weight(), tmp_path / "dynamic.onnx")
+    shutil.copy(EXAMPLE, tmp_path / "ok.onnx")
+    return {
+        "missing file": ([tmp_path / "nope.onnx"], "model file not found"),
+        "not onnx": ([tmp_path / "text.onnx"], "not a readable ONNX model"),
+        "truncated": ([tmp_path / "truncated.onnx"], "not a readable ONNX model"),
+        "no conv": ([tmp_path / "noconv.onnx"], "has no Conv node"),
+        "all ineligible": ([tmp_path / "dynamic.onnx"], "dynamic: weight is computed at run time"),
+        "output is input": (
+            [tmp_path / "ok.onnx", "-o", tmp_path / "ok.onnx"],
+            "output path is the input model",
+        ),
+        "missing output dir": (
+            [tmp_path / "ok.onnx", "-o", tmp_path / "no" / "o.onnx"],
+            "output directory does not exist",
+        ),
+        "unwritable output": (
+            [tmp_path / "ok.onnx", "-o", "/proc/haste.onnx"],
+            "cannot write /proc/haste.onnx",
+        ),
+        "bad L": ([tmp_path / "ok.onnx", "-L", "64"], "64"),
+        "bad s": ([tmp_path / "ok.onnx", "-s", "1.5"], "outside [0, 1)"),
+        "unknown layer": ([tmp_path / "ok.onnx", "--exclude", "nope"], "no Conv named nope"),
+        "bad layer L": ([tmp_path / "ok.onnx", "--layer-planes", "layer1=99"], "layer1"),
+        "missing inputs": (
+            [tmp_path / "ok.onnx", "--inputs", tmp_path / "x.npy"],
+            "inputs not found",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing file",
+        "not onnx",
+        "truncated",
+        "no conv",
+        "all ineligible",
+        "output is input",
+        "missing output dir",
+        "unwritable output",
+        "bad L",
+        "bad s",
+        "unknown layer",
+        "bad layer L",
+        "missing inputs",
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_2(tmp_path, case):
+    args, message = _bad_inputs(tmp_path)[case]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = subprocess.run(
+        ["haste-onnx", "convert", *map(str, args)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 or "Usage" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written or left
+    assert (tmp_path / "ok.onnx").read_bytes() == EXAMPLE.read_bytes()
