@@ -10,7 +10,6 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-
 from haste_onnx.cli.main import main
 
 EXAMPLE = Path(__file__).parent.parent / "models" / "example.onnx"
