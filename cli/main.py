@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from haste_onnx import convert as api
+from haste_onnx import pipeline as api
 from haste_onnx import report
 from haste_onnx.errors import HasteError, InputError
 from haste_onnx.passes.rewrite import HasteOptions

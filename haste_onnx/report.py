@@ -157,6 +157,8 @@ def build(
 
 def _round(value: object) -> object:
     if isinstance(value, float):
+        if value.is_integer() and abs(value) < 2**53:
+            return int(value)  # FLOPs counts stay exact
         return float(f"{value:.6g}")
     if isinstance(value, dict):
         return {k: _round(v) for k, v in value.items()}
