@@ -5,10 +5,10 @@ onnxruntime with :func:`make_session`, or register :func:`get_library_path` on y
 ``SessionOptions``.
 """
 
-from haste_onnx.pipeline import ConversionResult, VerifyOptions, convert, inspect, verify_pair
 from haste_onnx.hashing import bucket_labels, hash_codes, make_planes
 from haste_onnx.opdef import DOMAIN, OP_TYPE
 from haste_onnx.passes.rewrite import HasteOptions
+from haste_onnx.pipeline import ConversionResult, VerifyOptions, convert, inspect, verify_pair
 from haste_onnx.reference import HasteConv, HasteStats, haste_conv
 from haste_onnx.runtime import get_library_path, make_session
 from haste_onnx.verify import Tolerances

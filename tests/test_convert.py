@@ -11,9 +11,9 @@ from onnx.reference import ReferenceEvaluator
 
 import haste_onnx
 from haste_onnx import flops, opdef
-from haste_onnx.pipeline import VerifyOptions, convert, inspect
 from haste_onnx.errors import InputError
 from haste_onnx.passes.rewrite import HasteOptions
+from haste_onnx.pipeline import VerifyOptions, convert, inspect
 from haste_onnx.reference import HasteConv
 from haste_onnx.runtime import make_session
 from haste_onnx.verify import Tolerances
