@@ -7,7 +7,7 @@ from oracles import brute_force_haste, conv2d
 
 from haste_onnx import opdef
 from haste_onnx.hashing import make_planes
-from haste_onnx.reference import HasteConv, extract_patches, geometry, haste_conv
+from haste_onnx.reference import HasteConv, extract_patches, geometry, hash_stats, haste_conv
 
 
 def rel_l2(a, b):
@@ -194,3 +194,21 @@ def test_reference_evaluator_runs_a_model_with_haste_nodes():
     assert y.shape == (2, 4, 8, 8)
     np.testing.assert_array_equal(y, expect)
     assert rel_l2(h, np.maximum(conv2d(x, w1, (1,) * 4) + b1[None, :, None, None], 0)) > 1e-3
+
+
+def test_hash_stats_match_the_full_operator_and_brute_force():
+    rng = np.random.default_rng(8)
+    x, w = random_case(rng, n=2, c=10, h=9, w=10)
+    x[:, 5:] = x[:, :5] + 0.05 * rng.standard_normal(x[:, 5:].shape).astype(np.float32)
+    planes = make_planes(6, 25, rng=3)
+    _, full = haste_conv(x, w, planes, pads=(1, 1, 1, 1), return_stats=True)
+    cheap = hash_stats(x, planes, kernel=3, pads=(1, 1, 1, 1))
+    np.testing.assert_array_equal(cheap.codes, full.codes)
+    np.testing.assert_array_equal(cheap.merging_buckets, full.merging_buckets)
+    _, buckets = brute_force_haste(x, w, planes, pads=(1, 1, 1, 1))
+    np.testing.assert_array_equal(cheap.num_buckets, buckets)
+    # m counts buckets with more than one channel: recount from the codes
+    for index in np.ndindex(cheap.num_buckets.shape):
+        _, counts = np.unique(cheap.codes[index], return_counts=True)
+        assert cheap.merging_buckets[index] == np.sum(counts > 1)
+    assert cheap.merging_buckets.max() > 0

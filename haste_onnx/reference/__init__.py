@@ -5,8 +5,17 @@ from haste_onnx.reference.haste_conv import (
     HasteStats,
     extract_patches,
     geometry,
+    hash_stats,
     haste_conv,
 )
 from haste_onnx.reference.op_haste_conv import HasteConv
 
-__all__ = ["Geometry", "HasteConv", "HasteStats", "extract_patches", "geometry", "haste_conv"]
+__all__ = [
+    "Geometry",
+    "HasteConv",
+    "HasteStats",
+    "extract_patches",
+    "geometry",
+    "hash_stats",
+    "haste_conv",
+]

@@ -109,11 +109,10 @@ def extract_patches(x: np.ndarray, geo: Geometry, pads: Sequence[int]) -> np.nda
 
 def _reduced_conv(
     v: np.ndarray, labels: np.ndarray, w_flat: np.ndarray, geo: Geometry
-) -> tuple[np.ndarray, np.ndarray]:
+) -> np.ndarray:
     """Reduced convolution of a chunk of patches.
 
-    ``v [np, C, P*P]``, ``labels [np, C]``, ``w_flat [C, M*K*K]`` ->
-    (``out [np, M, T*T]`` float64, ``bucket sizes [np, B]``).
+    ``v [np, C, P*P]``, ``labels [np, C]``, ``w_flat [C, M*K*K]`` -> ``out [np, M, T*T]``.
     """
     npatch, c, _ = v.shape
     k, t, p = geo.kernel, geo.tile, geo.patch
@@ -126,8 +125,7 @@ def _reduced_conv(
     merged_w = merged_w.reshape(npatch, nb, m, k * k).transpose(0, 2, 1, 3)
     windows = sliding_window_view(merged_in.reshape(npatch, nb, p, p), (k, k), axis=(2, 3))
     cols = windows.reshape(npatch, nb, t * t, k * k).transpose(0, 1, 3, 2)
-    out = merged_w.reshape(npatch, m, nb * k * k) @ cols.reshape(npatch, nb * k * k, t * t)
-    return out, sizes
+    return merged_w.reshape(npatch, m, nb * k * k) @ cols.reshape(npatch, nb * k * k, t * t)
 
 
 def haste_conv(
@@ -169,17 +167,66 @@ def haste_conv(
     patches = extract_patches(x, geo, pads).reshape(-1, c, p2)
     codes = hash_codes(center(patches), planes)  # [NP, C]
     labels, num_buckets = bucket_labels(codes)
+    y = _convolve(patches, labels, num_buckets, w, bias, geo, relu)
+    if not return_stats:
+        return y
+    return y, _stats(codes, labels, num_buckets, (n, geo.tiles_y, geo.tiles_x))
 
+
+def hash_stats(
+    x: np.ndarray,
+    planes: np.ndarray,
+    *,
+    kernel: int,
+    pads: Sequence[int] = (0, 0, 0, 0),
+    tile: int = 3,
+) -> HasteStats:
+    """The buckets HasteConv would form on ``x``, without convolving: cheap statistics."""
+    x = np.asarray(x)
+    geo = geometry(x.shape, (1, x.shape[1], kernel, kernel) if x.ndim == 4 else (), pads, tile)
+    if planes.ndim != 2 or planes.shape[1] != geo.patch**2:
+        raise ValueError(f"planes must be [L, {geo.patch**2}], got shape {planes.shape}")
+    patches = extract_patches(x, geo, pads).reshape(-1, x.shape[1], geo.patch**2)
+    codes = hash_codes(center(patches), planes)
+    labels, num_buckets = bucket_labels(codes)
+    return _stats(codes, labels, num_buckets, (x.shape[0], geo.tiles_y, geo.tiles_x))
+
+
+def _stats(
+    codes: np.ndarray, labels: np.ndarray, num_buckets: np.ndarray, grid: tuple[int, int, int]
+) -> HasteStats:
+    npatch, c = labels.shape
+    offsets = (np.arange(npatch) * c)[:, None]
+    sizes = np.bincount((labels + offsets).ravel(), minlength=npatch * c).reshape(npatch, c)
+    return HasteStats(
+        codes=codes.reshape(*grid, c),
+        num_buckets=num_buckets.reshape(grid),
+        merging_buckets=(sizes > 1).sum(axis=1).reshape(grid),
+        channels=c,
+    )
+
+
+def _convolve(
+    patches: np.ndarray,
+    labels: np.ndarray,
+    num_buckets: np.ndarray,
+    w: np.ndarray,
+    bias: np.ndarray | None,
+    geo: Geometry,
+    relu: bool,
+) -> np.ndarray:
+    """Steps 6-7 for every patch, then bias and activation; the tiles assembled into Y."""
+    c = patches.shape[1]
+    m = w.shape[0]
+    n = patches.shape[0] // (geo.tiles_y * geo.tiles_x)
     w_flat = w.astype(np.float64).reshape(m, c, -1).transpose(1, 0, 2).reshape(c, -1)
     t2 = geo.tile * geo.tile
     out = np.empty((patches.shape[0], m, t2), dtype=np.float64)
-    merging = np.empty(patches.shape[0], dtype=np.int64)
     per_patch = m * int(num_buckets.max()) * geo.kernel * geo.kernel + c * c
     step = max(1, _CHUNK_ELEMENTS // per_patch)
     for start in range(0, patches.shape[0], step):
         sl = slice(start, start + step)
-        out[sl], sizes = _reduced_conv(patches[sl].astype(np.float64), labels[sl], w_flat, geo)
-        merging[sl] = (sizes > 1).sum(axis=-1)
+        out[sl] = _reduced_conv(patches[sl].astype(np.float64), labels[sl], w_flat, geo)
 
     if bias is not None:
         out += bias.astype(np.float64)[None, :, None]
@@ -187,14 +234,4 @@ def haste_conv(
         np.maximum(out, 0.0, out=out)
     ty, tx, t = geo.tiles_y, geo.tiles_x, geo.tile
     y = out.reshape(n, ty, tx, m, t, t).transpose(0, 3, 1, 4, 2, 5).reshape(n, m, ty * t, tx * t)
-    y = np.ascontiguousarray(y[:, :, : geo.out_h, : geo.out_w], dtype=np.float32)
-    if not return_stats:
-        return y
-    grid = (n, ty, tx)
-    stats = HasteStats(
-        codes=codes.reshape(*grid, c),
-        num_buckets=num_buckets.reshape(grid),
-        merging_buckets=merging.reshape(grid),
-        channels=c,
-    )
-    return y, stats
+    return np.ascontiguousarray(y[:, :, : geo.out_h, : geo.out_w], dtype=np.float32)
