@@ -12,8 +12,9 @@ from typing import Any
 
 import click
 
+from haste_onnx import datasets, ir, report
+from haste_onnx import evaluate as evaluation
 from haste_onnx import pipeline as api
-from haste_onnx import report
 from haste_onnx.errors import HasteError, InputError
 from haste_onnx.passes.rewrite import HasteOptions
 from haste_onnx.verify import Tolerances, Verification
@@ -49,158 +50,152 @@ def _sparsity(_ctx: click.Context, _param: click.Parameter, value: str) -> float
     return number
 
 
-def _haste_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Options that choose and configure the converted layers (convert and inspect)."""
-    for option in reversed(
-        [
-            click.option(
-                "-L",
-                "--planes",
-                "num_planes",
-                type=click.IntRange(0, 63),
-                default=14,
-                show_default=True,
-                help="Hyperplanes per layer (hash code bits).",
-            ),
-            click.option(
-                "--layer-planes",
-                multiple=True,
-                callback=_pairs,
-                metavar="NAME=L",
-                help="L for one layer, by Conv name; repeatable.",
-            ),
-            click.option(
-                "-s",
-                "--sparsity",
-                default="2/3",
-                show_default=True,
-                callback=_sparsity,
-                help="Share of zero entries in the planes, or 'dense' for Gaussian planes.",
-            ),
-            click.option(
-                "-T",
-                "--tile",
-                type=click.IntRange(1, 64),
-                default=3,
-                show_default=True,
-                help="Output tile edge.",
-            ),
-            click.option(
-                "--seed",
-                type=int,
-                default=0,
-                show_default=True,
-                help="Seed of the hyperplanes and of the random verification inputs.",
-            ),
-            click.option(
-                "--min-channels",
-                type=click.IntRange(1),
-                default=8,
-                show_default=True,
-                help="Leave convs with fewer input channels alone.",
-            ),
-            click.option(
-                "--skip-first",
-                type=click.IntRange(0),
-                default=0,
-                show_default=True,
-                help="Leave the first N eligible convs alone.",
-            ),
-            click.option(
-                "--include",
-                multiple=True,
-                metavar="NAME",
-                help="Convert this Conv even if the policy (min channels, skip first) "
-                "would leave it; repeatable.",
-            ),
-            click.option(
-                "--exclude",
-                multiple=True,
-                metavar="NAME",
-                help="Never convert this Conv; repeatable.",
-            ),
-        ]
-    ):
-        func = option(func)
-    return func
+def _stack(*options: Callable[[Any], Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """One decorator applying ``options`` in order, so shared options are defined once."""
+
+    def apply(func: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return apply
 
 
-def _input_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Options that choose the tensors the models run on."""
-    for option in reversed(
-        [
-            click.option(
-                "--inputs",
-                type=click.Path(path_type=Path),
-                default=None,
-                help="Run on these inputs: .npy, .npz (keys = input names) or an image "
-                "folder. Default: seeded random tensors.",
-            ),
-            click.option(
-                "--batch",
-                type=click.IntRange(1),
-                default=2,
-                show_default=True,
-                help="Batch size of random inputs with a dynamic first dimension.",
-            ),
-            click.option(
-                "--dim",
-                "dims",
-                multiple=True,
-                callback=_pairs,
-                metavar="NAME=SIZE",
-                help="Size of a named dynamic input dimension; repeatable.",
-            ),
-        ]
-    ):
-        func = option(func)
-    return func
+_plane_options = _stack(
+    click.option(
+        "-L",
+        "--planes",
+        "num_planes",
+        type=click.IntRange(0, 63),
+        default=14,
+        show_default=True,
+        help="Hyperplanes per layer (hash code bits).",
+    ),
+    click.option(
+        "--layer-planes",
+        multiple=True,
+        callback=_pairs,
+        metavar="NAME=L",
+        help="L for one layer, by Conv name; repeatable.",
+    ),
+    click.option(
+        "--seed",
+        type=int,
+        default=0,
+        show_default=True,
+        help="Seed of the hyperplanes and of the random verification inputs.",
+    ),
+)
+"""How many planes each converted layer gets, and their seed (convert and inspect)."""
+
+_policy_options = _stack(
+    click.option(
+        "-s",
+        "--sparsity",
+        default="2/3",
+        show_default=True,
+        callback=_sparsity,
+        help="Share of zero entries in the planes, or 'dense' for Gaussian planes.",
+    ),
+    click.option(
+        "-T",
+        "--tile",
+        type=click.IntRange(1, 64),
+        default=3,
+        show_default=True,
+        help="Output tile edge.",
+    ),
+    click.option(
+        "--min-channels",
+        type=click.IntRange(1),
+        default=8,
+        show_default=True,
+        help="Leave convs with fewer input channels alone.",
+    ),
+    click.option(
+        "--skip-first",
+        type=click.IntRange(0),
+        default=0,
+        show_default=True,
+        help="Leave the first N eligible convs alone.",
+    ),
+    click.option(
+        "--include",
+        multiple=True,
+        metavar="NAME",
+        help="Convert this Conv even if the policy (min channels, skip first) "
+        "would leave it; repeatable.",
+    ),
+    click.option(
+        "--exclude",
+        multiple=True,
+        metavar="NAME",
+        help="Never convert this Conv; repeatable.",
+    ),
+)
+"""Which Convs are converted, and the operator's shape (convert, inspect, evaluate)."""
 
 
-def _output_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    for option in reversed(
-        [
-            click.option(
-                "--json",
-                "json_path",
-                type=click.Path(path_type=Path),
-                default=None,
-                help="Write the report as JSON to this file, or '-' for stdout "
-                "(the table then goes to stderr).",
-            ),
-            click.option("-q", "--quiet", is_flag=True, help="Print only errors."),
-        ]
-    ):
-        func = option(func)
-    return func
+_input_options = _stack(
+    click.option(
+        "--inputs",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="Run on these inputs: .npy, .npz (keys = input names) or an image "
+        "folder. Default: seeded random tensors.",
+    ),
+    click.option(
+        "--batch",
+        type=click.IntRange(1),
+        default=2,
+        show_default=True,
+        help="Batch size of random inputs with a dynamic first dimension.",
+    ),
+    click.option(
+        "--dim",
+        "dims",
+        multiple=True,
+        callback=_pairs,
+        metavar="NAME=SIZE",
+        help="Size of a named dynamic input dimension; repeatable.",
+    ),
+)
 
 
-def _tolerance_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    for option in reversed(
-        [
-            click.option(
-                "--min-cosine",
-                type=float,
-                default=0.95,
-                show_default=True,
-                help="Least cosine similarity of each output to the original's.",
-            ),
-            click.option(
-                "--max-rel-l2",
-                type=float,
-                default=None,
-                help="Largest relative L2 error of each output (off by default).",
-            ),
-            click.option(
-                "--min-top1",
-                type=float,
-                default=None,
-                help="Least top-1 agreement for [N, classes] outputs (off by default).",
-            ),
-        ]
-    ):
-        func = option(func)
-    return func
+_output_options = _stack(
+    click.option(
+        "--json",
+        "json_path",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="Write the report as JSON to this file, or '-' for stdout "
+        "(the table then goes to stderr).",
+    ),
+    click.option("-q", "--quiet", is_flag=True, help="Print only errors."),
+)
+
+
+_tolerance_options = _stack(
+    click.option(
+        "--min-cosine",
+        type=float,
+        default=0.95,
+        show_default=True,
+        help="Least cosine similarity of each output to the original's.",
+    ),
+    click.option(
+        "--max-rel-l2",
+        type=float,
+        default=None,
+        help="Largest relative L2 error of each output (off by default).",
+    ),
+    click.option(
+        "--min-top1",
+        type=float,
+        default=None,
+        help="Least top-1 agreement for [N, classes] outputs (off by default).",
+    ),
+)
 
 
 class _Console:
@@ -261,15 +256,15 @@ def main() -> None:
 
 def _options(kw: dict[str, Any]) -> HasteOptions:
     return HasteOptions(
-        num_planes=kw["num_planes"],
+        num_planes=kw.get("num_planes", HasteOptions.num_planes),
         sparsity=kw["sparsity"],
         tile=kw["tile"],
-        seed=kw["seed"],
+        seed=kw.get("seed", HasteOptions.seed),
         min_channels=kw["min_channels"],
         skip_first=kw["skip_first"],
         include=tuple(kw["include"]),
         exclude=tuple(kw["exclude"]),
-        layer_planes=kw["layer_planes"],
+        layer_planes=kw.get("layer_planes", {}),
     )
 
 
@@ -352,7 +347,8 @@ _plot_option = click.option(
 )
 @click.option("--force", is_flag=True, help="Write the model even if verification fails.")
 @_plot_option
-@_haste_options
+@_plane_options
+@_policy_options
 @_input_options
 @_tolerance_options
 @_output_options
@@ -424,7 +420,8 @@ def verify(original: Path, converted: Path, plot: Path | None, **kw: Any) -> Non
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@_haste_options
+@_plane_options
+@_policy_options
 @_input_options
 @_output_options
 def inspect(model: Path, **kw: Any) -> None:
@@ -453,3 +450,117 @@ def inspect(model: Path, **kw: Any) -> None:
             "baseline_flops": result.flops.baseline_total,
         },
     )
+
+
+DATA_SETS = {
+    "fashion-mnist": ("Fashion-MNIST test set", datasets.load_fashion_mnist),
+    "mnist": ("MNIST test set", datasets.load_mnist),
+    "cifar10-samples": ("foolbox's 20 CIFAR-10 test images", datasets.load_foolbox_samples),
+}
+
+
+def _listing(kind: type) -> Callable[[click.Context, click.Parameter, str], tuple[Any, ...]]:
+    """A click callback parsing a comma-separated list of ``kind``."""
+
+    def parse(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[Any, ...]:
+        try:
+            return tuple(kind(v) for v in value.split(","))
+        except ValueError:
+            raise click.BadParameter(
+                f"expected comma-separated {kind.__name__} values, got {value!r}"
+            ) from None
+
+    return parse
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--data",
+    required=True,
+    help=f"Labeled data: {', '.join(DATA_SETS)}, an .npz (images, labels), a folder "
+    "of idx files, or a labeled image folder.",
+)
+@click.option(
+    "--mean",
+    default="0",
+    callback=_listing(float),
+    show_default=True,
+    help="Subtracted from raw pixel values (0..255), one or one per channel.",
+)
+@click.option(
+    "--std",
+    default="255",
+    callback=_listing(float),
+    show_default=True,
+    help="Divides raw pixel values after the mean, one or one per channel.",
+)
+@click.option("--limit", type=click.IntRange(1), default=None, help="Use the first N images.")
+@click.option(
+    "--planes",
+    "planes",
+    callback=_listing(int),
+    default="8,12,14,16,20,24",
+    show_default=True,
+    help="The L values of the sweep, comma-separated.",
+)
+@click.option(
+    "--seeds", type=click.IntRange(1), default=3, show_default=True, help="Seeds per L (0, 1, ...)."
+)
+@click.option(
+    "--stats-images",
+    type=click.IntRange(1),
+    default=500,
+    show_default=True,
+    help="Images on which r, m and FLOPs are measured.",
+)
+@click.option(
+    "--ablation-images",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Also run random grouping at LSH's bucket sizes on this many images.",
+)
+@_plot_option
+@_policy_options
+@_output_options
+def evaluate(
+    model: Path,
+    data: str,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    limit: int | None,
+    planes: tuple[int, ...],
+    seeds: int,
+    stats_images: int,
+    ablation_images: int,
+    plot: Path | None,
+    **kw: Any,
+) -> None:
+    """Top-1 accuracy and FLOPs reduction of MODEL over a sweep of L (paper Table 4)."""
+    console = _Console(kw["quiet"], kw["json_path"])
+    if data in DATA_SETS:
+        title, loader = DATA_SETS[data]
+        images, labels = loader()
+    else:
+        title = str(data)
+        images, labels = datasets.load_dataset(data)
+    images, labels = images[:limit], labels[:limit]
+    images = datasets.normalize(images, mean, std)
+    result = evaluation.evaluate(
+        ir.load(model),
+        images,
+        labels,
+        f"{model.name} on {title}",
+        planes,
+        tuple(range(seeds)),
+        _options(kw),
+        stats_images,
+        ablation_images,
+        console.progress,
+    )
+    console.echo(evaluation.table(result))
+    if plot is not None:
+        evaluation.plot(result, str(plot))
+        console.echo(f"plot: {plot}")
+    _write_json(kw["json_path"], {"model": str(model), **evaluation.to_json(result)})
