@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <new>
 #include <numeric>
 #include <sstream>
@@ -74,63 +75,122 @@ Geometry MakeGeometry(const Shape& x, const Shape& w, const HasteConvAttributes&
 // patch [C, P*P]; positions outside the input are zero.
 void GatherPatch(const Geometry& g, const float* image, int64_t ty, int64_t tx, float* patch) {
   const int64_t p = g.patch, y0 = ty * g.tile - g.pad_top, x0 = tx * g.tile - g.pad_left;
+  const int64_t lo = std::clamp<int64_t>(-x0, 0, p), hi = std::clamp<int64_t>(g.w - x0, lo, p);
+  std::fill(patch, patch + g.c * p * p, 0.0f);
   for (int64_t c = 0; c < g.c; ++c) {
-    const float* channel = image + c * g.h * g.w;
     for (int64_t py = 0; py < p; ++py) {
-      float* dst = patch + (c * p + py) * p;
       const int64_t iy = y0 + py;
-      for (int64_t px = 0; px < p; ++px) {
-        const int64_t ix = x0 + px;
-        const bool inside = iy >= 0 && iy < g.h && ix >= 0 && ix < g.w;
-        dst[px] = inside ? channel[iy * g.w + ix] : 0.0f;
-      }
+      if (iy < 0 || iy >= g.h || lo == hi) continue;
+      const float* src = image + (c * g.h + iy) * g.w + x0 + lo;
+      std::copy(src, src + (hi - lo), patch + (c * p + py) * p + lo);
     }
   }
 }
 
 // Hashes every channel of patch [C, D]: code bit l is dot(planes[l], v_c - mean_c v_c) > 0.
-// Everything is in double, the mean summed over channels in order as numpy does, so the codes
-// agree with the reference except for projections within double rounding of zero.
+// Everything is in double and each dot product is summed over j in order (zero plane entries add
+// exactly nothing and are skipped), the mean summed over channels in order as numpy does, so the
+// codes agree with the reference except for projections within double rounding of zero.
+// Scratch: mean [D], centered [D, C], dots [C].
 void HashPatch(const float* patch, int64_t channels, int64_t dim, const float* planes,
-               int64_t num_planes, double* mean, double* centered, uint64_t* codes) {
+               int64_t num_planes, double* mean, double* centered, double* dots, uint64_t* codes) {
   std::copy(patch, patch + dim, mean);
   for (int64_t c = 1; c < channels; ++c) {
     for (int64_t j = 0; j < dim; ++j) mean[j] += patch[c * dim + j];
   }
   for (int64_t j = 0; j < dim; ++j) mean[j] /= static_cast<double>(channels);
   for (int64_t c = 0; c < channels; ++c) {
-    for (int64_t j = 0; j < dim; ++j) centered[j] = patch[c * dim + j] - mean[j];
-    uint64_t code = 0;
-    for (int64_t l = 0; l < num_planes; ++l) {
-      const float* plane = planes + l * dim;
-      double dot = 0.0;
-      for (int64_t j = 0; j < dim; ++j) dot += plane[j] * centered[j];
-      if (dot > 0.0) code |= uint64_t{1} << l;
+    for (int64_t j = 0; j < dim; ++j) centered[j * channels + c] = patch[c * dim + j] - mean[j];
+  }
+  std::fill(codes, codes + channels, uint64_t{0});
+  for (int64_t l = 0; l < num_planes; ++l) {
+    std::fill(dots, dots + channels, 0.0);
+    for (int64_t j = 0; j < dim; ++j) {
+      const double p = planes[l * dim + j];
+      if (p == 0.0) continue;
+      const double* u = centered + j * channels;
+      for (int64_t c = 0; c < channels; ++c) dots[c] += p * u[c];
     }
-    codes[c] = code;
+    for (int64_t c = 0; c < channels; ++c) {
+      if (dots[c] > 0.0) codes[c] |= uint64_t{1} << l;
+    }
   }
 }
+
+// Output channels are processed in blocks of kBlock.
+constexpr int64_t kBlock = 16;
 
 // One run's inputs and output, shared read-only by the work items (except `failed`).
 struct Job {
   Geometry g;
-  const float* x;       // [N, C, H, W]
-  const float* w;       // [M, C, K, K]
-  const float* bias;    // [M] or null
-  const float* planes;  // [L, P*P]
+  int64_t m_padded;      // M rounded up to a multiple of kBlock
+  const float* x;        // [N, C, H, W]
+  const float* filters;  // W as [C, K*K, m_padded], zero-padded: contiguous over output channels
+  const float* bias;     // [M] or null
+  const float* planes;   // [L, P*P]
   int64_t num_planes;
   bool relu;
   float* y;  // [N, M, Ho, Wo]
   std::atomic<bool> failed{false};
 };
 
+// out [T*T, m_padded] += valid convolution of one P x P input with filters [K*K, m_padded],
+// kBlock output channels at a time, whose accumulators stay in vector registers (of kLanes
+// floats) over the kernel window.
+template <int kLanes>
+__attribute__((always_inline)) inline void AccumulateConvWith(const Geometry& g, int64_t m_padded,
+                                                              const float* in, const float* filters,
+                                                              float* out) {
+  // Unaligned and allowed to alias float, like the compilers' own __m128_u and __m256_u.
+  typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), may_alias, aligned(4)));
+  constexpr int64_t kVectors = kBlock / kLanes;
+  for (int64_t m0 = 0; m0 < m_padded; m0 += kBlock) {
+    for (int64_t oy = 0; oy < g.tile; ++oy) {
+      for (int64_t ox = 0; ox < g.tile; ++ox) {
+        Vec* o = reinterpret_cast<Vec*>(out + (oy * g.tile + ox) * m_padded + m0);
+        Vec acc[kVectors];
+        for (int64_t i = 0; i < kVectors; ++i) acc[i] = o[i];
+        for (int64_t kh = 0; kh < g.k; ++kh) {
+          const float* row = in + (oy + kh) * g.patch + ox;
+          const float* f = filters + kh * g.k * m_padded + m0;
+          for (int64_t kw = 0; kw < g.k; ++kw, f += m_padded) {
+            const float v = row[kw];
+            const Vec* w = reinterpret_cast<const Vec*>(f);
+            for (int64_t i = 0; i < kVectors; ++i) acc[i] += v * w[i];
+          }
+        }
+        for (int64_t i = 0; i < kVectors; ++i) o[i] = acc[i];
+      }
+    }
+  }
+}
+
+#if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
+__attribute__((target("avx2,fma"))) void AccumulateConvAvx2(const Geometry& g, int64_t m_padded,
+                                                            const float* in, const float* filters,
+                                                            float* out) {
+  AccumulateConvWith<8>(g, m_padded, in, filters, out);
+}
+#endif
+
+// The portable kernel, or on x86-64 CPUs with AVX2 and FMA the same kernel with eight lanes.
+void AccumulateConv(const Geometry& g, int64_t m_padded, const float* in, const float* filters,
+                    float* out) {
+#if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2) return AccumulateConvAvx2(g, m_padded, in, filters, out);
+#endif
+  AccumulateConvWith<4>(g, m_padded, in, filters, out);
+}
+
 // Computes one row of output tiles of one image. Work items write disjoint parts of Y.
 void RunTileRow(const Job& job, int64_t index) {
   const Geometry& g = job.g;
   const int64_t n = index / g.tiles_y, ty = index % g.tiles_y;
-  const int64_t p2 = g.patch * g.patch, k2 = g.k * g.k, t2 = g.tile * g.tile;
-  std::vector<float> patch(g.c * p2), merged_in(p2), merged_w(g.m * k2), out(g.m * t2);
-  std::vector<double> mean(p2), centered(p2);
+  const int64_t p2 = g.patch * g.patch, filter_size = g.k * g.k * job.m_padded;
+  std::vector<float> patch(g.c * p2), merged_in(p2), merged_w(filter_size),
+      out(g.tile * g.tile * job.m_padded);
+  std::vector<double> mean(p2), centered(p2 * g.c), dots(g.c);
   std::vector<uint64_t> codes(g.c);
   std::vector<int64_t> order(g.c);
   const float* image = job.x + n * g.c * g.h * g.w;
@@ -138,7 +198,7 @@ void RunTileRow(const Job& job, int64_t index) {
   for (int64_t tx = 0; tx < g.tiles_x; ++tx) {
     GatherPatch(g, image, ty, tx, patch.data());
     HashPatch(patch.data(), g.c, p2, job.planes, job.num_planes, mean.data(), centered.data(),
-              codes.data());
+              dots.data(), codes.data());
     std::iota(order.begin(), order.end(), 0);
     std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
       return codes[a] != codes[b] ? codes[a] < codes[b] : a < b;
@@ -146,43 +206,26 @@ void RunTileRow(const Job& job, int64_t index) {
     std::fill(out.begin(), out.end(), 0.0f);
 
     // Each bucket (run of equal codes): convolve the mean of its patches with the sum of its
-    // filter channels. A single channel is used in place; filter m of channel c is at
-    // w + (m * C + c) * K*K, so the stride between output channels is C*K*K.
+    // filter channels; a bucket of one channel is used in place.
     for (int64_t begin = 0, end = 0; begin < g.c; begin = end) {
       for (end = begin + 1; end < g.c && codes[order[end]] == codes[order[begin]];) ++end;
       const float* in = patch.data() + order[begin] * p2;
-      const float* filters = job.w + order[begin] * k2;
-      int64_t filter_stride = g.c * k2;
+      const float* filters = job.filters + order[begin] * filter_size;
       if (end - begin > 1) {
         std::fill(merged_in.begin(), merged_in.end(), 0.0f);
         std::fill(merged_w.begin(), merged_w.end(), 0.0f);
         for (int64_t i = begin; i < end; ++i) {
-          const float* src = patch.data() + order[i] * p2;
-          for (int64_t j = 0; j < p2; ++j) merged_in[j] += src[j];
-          for (int64_t m = 0; m < g.m; ++m) {
-            const float* wsrc = job.w + (m * g.c + order[i]) * k2;
-            for (int64_t j = 0; j < k2; ++j) merged_w[m * k2 + j] += wsrc[j];
-          }
+          const float* src_in = patch.data() + order[i] * p2;
+          const float* src_w = job.filters + order[i] * filter_size;
+          for (int64_t j = 0; j < p2; ++j) merged_in[j] += src_in[j];
+          for (int64_t j = 0; j < filter_size; ++j) merged_w[j] += src_w[j];
         }
         const float scale = 1.0f / static_cast<float>(end - begin);
         for (float& v : merged_in) v *= scale;
         in = merged_in.data();
         filters = merged_w.data();
-        filter_stride = k2;
       }
-      for (int64_t m = 0; m < g.m; ++m) {
-        float* o = out.data() + m * t2;
-        const float* f = filters + m * filter_stride;
-        for (int64_t kh = 0; kh < g.k; ++kh) {
-          for (int64_t kw = 0; kw < g.k; ++kw) {
-            const float wv = f[kh * g.k + kw];
-            for (int64_t oy = 0; oy < g.tile; ++oy) {
-              const float* row = in + (oy + kh) * g.patch + kw;
-              for (int64_t ox = 0; ox < g.tile; ++ox) o[oy * g.tile + ox] += wv * row[ox];
-            }
-          }
-        }
-      }
+      AccumulateConv(g, job.m_padded, in, filters, out.data());
     }
 
     const int64_t y0 = ty * g.tile, x0 = tx * g.tile;
@@ -192,7 +235,7 @@ void RunTileRow(const Job& job, int64_t index) {
       float* dst = job.y + ((n * g.m + m) * g.out_h + y0) * g.out_w + x0;
       for (int64_t oy = 0; oy < rows; ++oy) {
         for (int64_t ox = 0; ox < cols; ++ox) {
-          const float v = out[m * t2 + oy * g.tile + ox] + b;
+          const float v = out[(oy * g.tile + ox) * job.m_padded + m] + b;
           dst[oy * g.out_w + ox] = job.relu ? std::max(v, 0.0f) : v;
         }
       }
@@ -253,8 +296,7 @@ HasteConvAttributes ReadAttributes(const Ort::ConstKernelInfo& info) {
   }
   const Shape pads = IntsOr(info, "pads", {0, 0, 0, 0});
   if (pads.size() != 4 || *std::min_element(pads.begin(), pads.end()) < 0) {
-    Fail("pads must be four non-negative values [top, left, bottom, right], got " +
-         ToString(pads));
+    Fail("pads must be four non-negative values [top, left, bottom, right], got " + ToString(pads));
   }
   std::copy(pads.begin(), pads.end(), attrs.pads.begin());
   for (const char* name : {"strides", "dilations"}) {
@@ -334,10 +376,23 @@ void HasteConvKernel::Compute(const Ort::KernelContext& context) const {
     }
   }
 
+  // W [M, C, K*K] -> [C, K*K, m_padded], once per run (W is read as an input, not cached).
+  const int64_t k2 = g.k * g.k, m_padded = (g.m + kBlock - 1) / kBlock * kBlock;
+  const float* w_data = w.GetTensorData<float>();
+  std::vector<float> filters(g.c * k2 * m_padded, 0.0f);
+  for (int64_t m = 0; m < g.m; ++m) {
+    for (int64_t c = 0; c < g.c; ++c) {
+      for (int64_t j = 0; j < k2; ++j) {
+        filters[(c * k2 + j) * m_padded + m] = w_data[(m * g.c + c) * k2 + j];
+      }
+    }
+  }
+
   Ort::UnownedValue y = context.GetOutput(0, {g.n, g.m, g.out_h, g.out_w});
   Job job{g,
+          m_padded,
           x.GetTensorData<float>(),
-          w.GetTensorData<float>(),
+          filters.data(),
           bias != nullptr ? bias.GetTensorData<float>() : nullptr,
           planes.GetTensorData<float>(),
           planes_shape[0],
@@ -371,14 +426,14 @@ extern "C" int HasteConvTileCodes(const float* x, const int64_t* x_shape, const 
     const Geometry g = MakeGeometry(xs, {1, xs[1], kernel, kernel}, attrs);
     const int64_t p2 = g.patch * g.patch;
     std::vector<float> patch(g.c * p2);
-    std::vector<double> mean(p2), centered(p2);
+    std::vector<double> mean(p2), centered(p2 * g.c), dots(g.c);
     for (int64_t n = 0; n < g.n; ++n) {
       for (int64_t ty = 0; ty < g.tiles_y; ++ty) {
         for (int64_t tx = 0; tx < g.tiles_x; ++tx) {
           GatherPatch(g, x + n * g.c * g.h * g.w, ty, tx, patch.data());
           const int64_t tile_index = (n * g.tiles_y + ty) * g.tiles_x + tx;
           HashPatch(patch.data(), g.c, p2, planes, num_planes, mean.data(), centered.data(),
-                    codes + tile_index * g.c);
+                    dots.data(), codes + tile_index * g.c);
         }
       }
     }

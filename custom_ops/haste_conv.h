@@ -64,6 +64,6 @@ struct HasteConvOp : Ort::CustomOpBase<HasteConvOp, HasteConvKernel, /*WithStatu
 // with the reference bit for bit. pads is [top, left, bottom, right]. Returns 0, or 1 when the
 // shapes are invalid.
 extern "C" HASTE_ONNX_EXPORT int HasteConvTileCodes(const float* x, const int64_t* x_shape,
-                                                   const float* planes, int64_t num_planes,
-                                                   int64_t kernel, int64_t tile,
-                                                   const int64_t* pads, uint64_t* codes);
+                                                    const float* planes, int64_t num_planes,
+                                                    int64_t kernel, int64_t tile,
+                                                    const int64_t* pads, uint64_t* codes);

@@ -1,16 +1,16 @@
 // Registers the haste_onnx operator domain with an onnxruntime session:
 // SessionOptions.register_custom_ops_library(haste_onnx.get_library_path()).
-#include "haste_conv.h"
-
 #include <exception>
 #include <string>
+
+#include "haste_conv.h"
 
 namespace {
 constexpr const char* kDomain = "haste_onnx";
 }
 
-extern "C" HASTE_ONNX_EXPORT OrtStatus* ORT_API_CALL
-RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+extern "C" HASTE_ONNX_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
+                                                                       const OrtApiBase* api_base) {
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
   if (api == nullptr) {  // GetApi(1) is served by every onnxruntime: use it to say why.
     const std::string message = "HasteConv: the library was built for onnxruntime API " +

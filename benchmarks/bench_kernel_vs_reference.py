@@ -1,0 +1,75 @@
+"""Time the HasteConv C++ operator against the numpy reference on one layer.
+
+1x64x32x32 -> 64 channels, 3x3 kernel, pads 1, L = 14, s = 2/3, random inputs; prints the median
+time of each and their ratio. Run after `pip install .`:
+
+    python benchmarks/bench_kernel_vs_reference.py [--threads 1] [--repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from haste_onnx.hashing import make_planes
+from haste_onnx.opdef import DOMAIN, make_node
+from haste_onnx.reference import haste_conv
+from haste_onnx.runtime import make_session
+
+PADS = (1, 1, 1, 1)
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 64, 32, 32)).astype(np.float32)
+    w = rng.standard_normal((64, 64, 3, 3)).astype(np.float32)
+    planes = make_planes(14, 25, 2 / 3, rng)
+    graph = helper.make_graph(
+        [make_node("X", "W", "planes", "Y", kernel=3, pads=PADS)],
+        "bench",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, x.shape)],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(planes, "planes")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(DOMAIN, 1)])
+    model.ir_version = 10
+    session = make_session(model, intra_op_num_threads=args.threads)
+
+    y = session.run(None, {"X": x})[0]
+    y_ref = haste_conv(x, w, planes, pads=PADS)
+    error = np.linalg.norm(y - y_ref) / np.linalg.norm(y_ref)
+
+    kernel = median_seconds(lambda: session.run(None, {"X": x}), args.repeats)
+    reference = median_seconds(lambda: haste_conv(x, w, planes, pads=PADS), args.repeats)
+    print(
+        f"onnxruntime {ort.__version__}, {args.threads} intra-op thread(s), "
+        f"median of {args.repeats} runs; relative L2 C++ vs reference {error:.1e}"
+    )
+    print(f"C++ operator:      {kernel * 1e3:8.2f} ms")
+    print(f"numpy reference:   {reference * 1e3:8.2f} ms")
+    print(f"speed-up:          {reference / kernel:8.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Running HasteConv models in onnxruntime: the custom-operator library and a session helper.
+
+The library ``libhaste_onnx_ops.so`` is built by ``pip install`` and installed inside the
+package; register it with ``SessionOptions.register_custom_ops_library(get_library_path())``,
+or let :func:`make_session` do it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+LIBRARY_NAME = "libhaste_onnx_ops.so"
+
+
+def get_library_path() -> str:
+    """Path of the HasteConv custom-operator library inside the installed package."""
+    path = Path(__file__).resolve().parent / LIBRARY_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: the HasteConv operator library is built when the package is "
+            "installed (`pip install .`); an import from a source tree has no build of it"
+        )
+    return str(path)
+
+
+def make_session(
+    model: onnx.ModelProto | str | os.PathLike[str] | bytes,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    intra_op_num_threads: int | None = None,
+    sess_options: ort.SessionOptions | None = None,
+) -> ort.InferenceSession:
+    """An onnxruntime session for ``model`` (a ModelProto, a path or serialized bytes) with the
+    HasteConv library registered.
+
+    ``sess_options`` are used as given (the library is registered on them);
+    ``intra_op_num_threads``, when set, overrides theirs.
+    """
+    options = sess_options if sess_options is not None else ort.SessionOptions()
+    options.register_custom_ops_library(get_library_path())
+    if intra_op_num_threads is not None:
+        options.intra_op_num_threads = intra_op_num_threads
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    elif not isinstance(model, bytes):
+        model = os.fspath(model)
+    return ort.InferenceSession(model, sess_options=options, providers=list(providers))

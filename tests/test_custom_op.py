@@ -1,0 +1,442 @@
+"""The HasteConv onnxruntime custom operator against the numpy reference (the oracle).
+
+Runs against the installed package's library; HASTE_ONNX_TEST_LIBRARY points the tests at another
+build of it (custom_ops/tests/run_sanitizer.sh uses that for the sanitizer build).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
+
+import haste_onnx
+from haste_onnx.hashing import make_planes
+from haste_onnx.opdef import DOMAIN, make_node
+from haste_onnx.reference import haste_conv
+from haste_onnx.runtime import get_library_path, make_session
+
+LIBRARY = os.environ.get("HASTE_ONNX_TEST_LIBRARY") or get_library_path()
+ORT_ERRORS = (Fail, InvalidArgument, RuntimeException)
+Pads = Sequence[int]
+
+
+# --- building and running models ------------------------------------------------------------
+
+
+def haste_model(
+    w: np.ndarray,
+    planes: np.ndarray,
+    bias: np.ndarray | None = None,
+    *,
+    pads: Pads = (0, 0, 0, 0),
+    tile: int = 3,
+    activation: str = "",
+    x_type: int = TensorProto.FLOAT,
+    overrides: dict[str, object] | None = None,
+) -> onnx.ModelProto:
+    """One HasteConv with constant W, B and planes; ``overrides`` replace node attributes."""
+    overrides = overrides or {}
+    node = make_node(
+        "X",
+        "W",
+        "planes",
+        "Y",
+        bias=None if bias is None else "B",
+        kernel=w.shape[-1],
+        pads=pads,
+        tile=tile,
+        activation=activation,
+    )
+    attributes = [a for a in node.attribute if a.name not in overrides]
+    attributes += [helper.make_attribute(name, value) for name, value in overrides.items()]
+    del node.attribute[:]
+    node.attribute.extend(attributes)
+    constants = {"W": w, "planes": planes} | ({} if bias is None else {"B": bias})
+    graph = helper.make_graph(
+        [node],
+        "haste_conv",
+        [helper.make_tensor_value_info("X", x_type, None)],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(v, k) for k, v in constants.items()],
+    )
+    return _model(graph, DOMAIN)
+
+
+def conv_model(w: np.ndarray, pads: Pads) -> onnx.ModelProto:
+    """onnxruntime's own Conv, the oracle of the exact cases."""
+    node = helper.make_node("Conv", ["X", "W"], ["Y"], pads=list(pads))
+    graph = helper.make_graph(
+        [node],
+        "conv",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(w, "W")],
+    )
+    return _model(graph)
+
+
+def _model(graph: onnx.GraphProto, *domains: str) -> onnx.ModelProto:
+    opsets = [helper.make_opsetid("", 17)] + [helper.make_opsetid(d, 1) for d in domains]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 10  # onnx stamps a newer IR than onnxruntime reads
+    return model
+
+
+def session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(LIBRARY)
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 4  # the error tests provoke errors on purpose
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+
+
+def run(model: onnx.ModelProto, x: np.ndarray, threads: int = 1) -> np.ndarray:
+    return session(model, threads).run(None, {"X": x})[0]
+
+
+_library = ctypes.CDLL(LIBRARY)
+_library.HasteConvTileCodes.restype = ctypes.c_int
+
+
+def kernel_codes(
+    x: np.ndarray, planes: np.ndarray, kernel: int, tile: int, pads: Pads, shape: tuple
+) -> np.ndarray:
+    """The codes the C++ kernel computes, ``[N, tiles_y, tiles_x, C]`` (its test hook)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    planes = np.ascontiguousarray(planes, dtype=np.float32)
+    codes = np.zeros(shape, dtype=np.uint64)
+    as_ints = ctypes.c_int64 * 4
+    status = _library.HasteConvTileCodes(
+        x.ctypes.data_as(ctypes.c_void_p),
+        as_ints(*x.shape),
+        planes.ctypes.data_as(ctypes.c_void_p),
+        ctypes.c_int64(planes.shape[0]),
+        ctypes.c_int64(kernel),
+        ctypes.c_int64(tile),
+        as_ints(*pads),
+        codes.ctypes.data_as(ctypes.c_void_p),
+    )
+    assert status == 0
+    return codes
+
+
+def relative_l2(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+class Comparison:
+    """The C++ op and the reference on one input: code agreement and output error."""
+
+    def __init__(self, x, w, planes, bias=None, *, pads=(0, 0, 0, 0), tile=3, relu=False):
+        k = w.shape[-1]
+        self.y = run(
+            haste_model(w, planes, bias, pads=pads, tile=tile, activation="Relu" if relu else ""), x
+        )
+        self.y_ref, self.stats = haste_conv(
+            x, w, planes, bias, pads=pads, tile=tile, relu=relu, return_stats=True
+        )
+        codes = kernel_codes(x, planes, k, tile, pads, self.stats.codes.shape)
+        agree = codes == self.stats.codes
+        self.codes_total = agree.size
+        self.codes_agreeing = int(agree.sum())
+        # Output pixels of tiles whose codes all agree: there the outputs must match.
+        n, ty, tx, _ = agree.shape
+        tile_ok = np.broadcast_to(
+            agree.all(axis=-1)[:, None, :, None, :, None], (n, 1, ty, tile, tx, tile)
+        ).reshape(n, 1, ty * tile, tx * tile)
+        mask = np.broadcast_to(tile_ok[:, :, : self.y.shape[2], : self.y.shape[3]], self.y.shape)
+        self.error = relative_l2(self.y[mask], self.y_ref[mask])
+
+    @property
+    def agreement(self) -> float:
+        return self.codes_agreeing / self.codes_total
+
+
+# --- agreement with the reference -------------------------------------------------------------
+
+
+def _grid_cases() -> list:
+    """K x L x (symmetric, asymmetric pads); the other parameters vary from case to case."""
+    rng = np.random.default_rng(3)
+    sparsities = [2 / 3, 1 / 2, 0.0, None, 1 / 3]
+    cases = []
+    grid = itertools.product((1, 3, 5), (0, 1, 14, 36), (True, False))
+    for i, (k, num_planes, symmetric) in enumerate(grid):
+        pads = [k // 2] * 4 if symmetric else [int(p) for p in rng.integers(0, k + 1, size=4)]
+        if not symmetric and len(set(pads)) == 1:
+            pads[0] += 1
+        case = dict(
+            seed=i,
+            n=int(rng.integers(1, 4)),
+            c=int(rng.choice([1, 3, 8, 16, 24])),
+            m=int(rng.integers(1, 40)),
+            h=int(rng.integers(k, k + 14)),
+            w=int(rng.integers(k, k + 14)),
+            k=k,
+            num_planes=num_planes,
+            pads=tuple(pads),
+            bias=i % 2 == 0,
+            relu=i % 4 < 2,
+            sparsity=sparsities[i % len(sparsities)],
+            tile=3 if i % 3 else int(rng.choice([2, 4])),
+        )
+        cases.append(pytest.param(case, id=f"K{k}-L{num_planes}-{'sym' if symmetric else 'asym'}"))
+    return cases
+
+
+def _inputs(rng: np.random.Generator, case: dict) -> tuple:
+    x = rng.standard_normal((case["n"], case["c"], case["h"], case["w"])).astype(np.float32)
+    w = rng.standard_normal((case["m"], case["c"], case["k"], case["k"])).astype(np.float32)
+    bias = rng.standard_normal(case["m"]).astype(np.float32) if case["bias"] else None
+    p = case["tile"] + case["k"] - 1
+    planes = make_planes(case["num_planes"], p * p, case["sparsity"], rng)
+    return x, w, bias, planes
+
+
+@pytest.mark.parametrize("case", _grid_cases())
+def test_matches_reference(case: dict) -> None:
+    x, w, bias, planes = _inputs(np.random.default_rng(case["seed"]), case)
+    cmp = Comparison(x, w, planes, bias, pads=case["pads"], tile=case["tile"], relu=case["relu"])
+    assert cmp.y.shape == cmp.y_ref.shape
+    assert cmp.agreement >= 0.9999, f"{cmp.codes_agreeing}/{cmp.codes_total} codes agree"
+    assert cmp.error <= 1e-4
+
+
+def test_random_shapes_sweep() -> None:
+    """Many small random shapes, tiles and planes: codes agree on >= 99.99 % of (tile, channel)."""
+    rng = np.random.default_rng(11)
+    agreeing = total = 0
+    worst = 0.0
+    for _ in range(300):
+        k = int(rng.choice([1, 2, 3, 5]))
+        case = dict(
+            n=int(rng.integers(1, 3)),
+            c=int(rng.integers(1, 13)),
+            m=int(rng.integers(1, 40)),
+            h=int(rng.integers(1, 16)),
+            w=int(rng.integers(1, 16)),
+            k=k,
+            num_planes=int(rng.choice([0, 1, 5, 14, 36, 63])),
+            bias=bool(rng.integers(2)),
+            sparsity=[2 / 3, 1 / 2, None][int(rng.integers(3))],
+            tile=int(rng.integers(1, 6)),
+        )
+        pads = [int(p) for p in rng.integers(0, k + 1, size=4)]
+        pads[2] = max(pads[2], k - case["h"] - pads[0])  # keep the output non-empty
+        pads[3] = max(pads[3], k - case["w"] - pads[1])
+        x, w, bias, planes = _inputs(rng, case)
+        cmp = Comparison(
+            x, w, planes, bias, pads=pads, tile=case["tile"], relu=bool(rng.integers(2))
+        )
+        agreeing += cmp.codes_agreeing
+        total += cmp.codes_total
+        worst = max(worst, cmp.error)
+    print(f"codes agreeing: {agreeing}/{total}; worst relative L2 where codes agree: {worst:.2e}")
+    assert agreeing / total >= 0.9999
+    assert worst <= 1e-4
+
+
+# --- the spec's exact cases (100 % code agreement) ----------------------------------------------
+
+
+def _exact(x, w, planes, pads) -> Comparison:
+    cmp = Comparison(x, w, planes, pads=pads)
+    assert cmp.codes_agreeing == cmp.codes_total
+    return cmp
+
+
+def test_exact_all_channels_distinct_equals_conv() -> None:
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 8, 13, 11)).astype(np.float32)
+    w = rng.standard_normal((6, 8, 3, 3)).astype(np.float32)
+    pads = (1, 1, 1, 1)
+    cmp = _exact(x, w, make_planes(36, 25, 2 / 3, rng), pads)
+    assert (cmp.stats.num_buckets == 8).all()
+    assert relative_l2(cmp.y, run(conv_model(w, pads), x)) <= 1e-5
+
+
+def test_exact_duplicated_channels_ratio_three_quarters() -> None:
+    rng = np.random.default_rng(6)
+    distinct = rng.standard_normal((1, 4, 12, 12)).astype(np.float32)
+    x = np.repeat(distinct, 4, axis=1)  # 16 channels, each of 4 distinct ones 4 times
+    w = rng.standard_normal((5, 16, 3, 3)).astype(np.float32)
+    pads = (0, 1, 2, 1)
+    cmp = _exact(x, w, make_planes(36, 25, 1 / 2, rng), pads)
+    np.testing.assert_array_equal(cmp.stats.ratio, 0.75)
+    assert relative_l2(cmp.y, run(conv_model(w, pads), x)) <= 1e-5
+
+
+def test_exact_no_planes_is_conv_of_channel_mean() -> None:
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 6, 10, 9)).astype(np.float32)
+    w = rng.standard_normal((4, 6, 5, 5)).astype(np.float32)
+    pads = (2, 2, 2, 2)
+    cmp = _exact(x, w, np.zeros((0, 49), np.float32), pads)
+    expected = run(conv_model(w.sum(axis=1, keepdims=True), pads), x.mean(axis=1, keepdims=True))
+    assert relative_l2(cmp.y, expected) <= 1e-5
+    # and it is not the plain Conv: this kernel merged
+    assert relative_l2(cmp.y, run(conv_model(w, pads), x)) > 0.1
+
+
+# --- threads ----------------------------------------------------------------------------------
+
+
+def _threads_case() -> tuple[onnx.ModelProto, list[np.ndarray]]:
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((16, 16, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(16).astype(np.float32)
+    model = haste_model(
+        w, make_planes(14, 25, 2 / 3, rng), bias, pads=(1, 1, 1, 1), activation="Relu"
+    )
+    xs = [rng.standard_normal((2, 16, 28, 26)).astype(np.float32) for _ in range(8)]
+    return model, xs
+
+
+def test_one_and_two_intra_op_threads_identical() -> None:
+    model, xs = _threads_case()
+    one, two = session(model, threads=1), session(model, threads=2)
+    for x in xs[:3]:
+        np.testing.assert_array_equal(one.run(None, {"X": x})[0], two.run(None, {"X": x})[0])
+
+
+def test_concurrent_runs_on_one_session_identical_to_serial() -> None:
+    model, xs = _threads_case()
+    sess = session(model, threads=2)
+    serial = [sess.run(None, {"X": x})[0] for x in xs]
+    results: dict[tuple[int, int], np.ndarray] = {}
+
+    def worker(t: int) -> None:
+        for i in range(len(xs)):
+            j = (i + t) % len(xs)
+            results[t, j] = sess.run(None, {"X": xs[j]})[0]
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 4 * len(xs)
+    for (_, j), y in results.items():
+        np.testing.assert_array_equal(y, serial[j])
+
+
+# --- invalid inputs ---------------------------------------------------------------------------
+
+_W = np.ones((4, 3, 3, 3), np.float32)
+_PLANES = np.ones((2, 25), np.float32)
+_X = np.ones((1, 3, 8, 8), np.float32)
+
+INVALID = {
+    "planes width": (
+        haste_model(_W, np.ones((2, 24), np.float32)),
+        _X,
+        r"planes must be \[L, P\*P\] = \[L, 25\] .* got shape \[2, 24\]",
+    ),
+    "L over 63": (
+        haste_model(_W, np.ones((64, 25), np.float32)),
+        _X,
+        r"planes has L = 64 hyperplanes.*at most 63",
+    ),
+    "channel mismatch": (
+        haste_model(_W, _PLANES),
+        np.ones((1, 5, 8, 8), np.float32),
+        r"W has 3 input channels but X has 5: W shape \[4, 3, 3, 3\]",
+    ),
+    "stride": (
+        haste_model(_W, _PLANES, overrides={"strides": [2, 2]}),
+        _X,
+        r"strides must be \[1, 1\].*got \[2, 2\]",
+    ),
+    "dilation": (
+        haste_model(_W, _PLANES, overrides={"dilations": [1, 2]}),
+        _X,
+        r"dilations must be \[1, 1\].*got \[1, 2\]",
+    ),
+    "group": (haste_model(_W, _PLANES, overrides={"group": 3}), _X, r"group must be 1 .*got 3"),
+    "non-float X": (
+        haste_model(_W, _PLANES, x_type=TensorProto.DOUBLE),
+        _X.astype(np.float64),
+        r"X must be float32, got float64 with shape \[1, 3, 8, 8\]",
+    ),
+    "non-float planes": (
+        haste_model(_W, _PLANES.astype(np.int64)),
+        _X,
+        r"planes must be float32, got int64",
+    ),
+    "empty batch": (
+        haste_model(_W, _PLANES),
+        np.ones((0, 3, 8, 8), np.float32),
+        r"X has an empty batch: shape \[0, 3, 8, 8\]",
+    ),
+    "bias length": (
+        haste_model(_W, _PLANES, np.ones(5, np.float32)),
+        _X,
+        r"B must have shape \[4\] .* got shape \[5\]",
+    ),
+    "activation": (
+        haste_model(_W, _PLANES, overrides={"activation": "Sigmoid"}),
+        _X,
+        r'activation must be "" or "Relu", got "Sigmoid"',
+    ),
+    "kernel_shape": (
+        haste_model(_W, _PLANES, overrides={"kernel_shape": [5, 5]}),
+        _X,
+        r"kernel_shape \[5, 5\] does not match W shape \[4, 3, 3, 3\]",
+    ),
+    "X rank": (
+        haste_model(_W, _PLANES),
+        np.ones((3, 8, 8), np.float32),
+        r"X must be 4-D \[N, C, H, W\], got shape \[3, 8, 8\]",
+    ),
+    "empty output": (
+        haste_model(_W, _PLANES),
+        np.ones((1, 3, 2, 8), np.float32),
+        r"the output would be empty: X shape \[1, 3, 2, 8\]",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", INVALID)
+def test_invalid_input_fails_with_message(name: str) -> None:
+    model, x, message = INVALID[name]
+    with pytest.raises(ORT_ERRORS, match="HasteConv: " + message):
+        run(model, x)
+    # the process survives and the operator still works
+    assert run(haste_model(_W, _PLANES), _X).shape == (1, 4, 6, 6)
+
+
+# --- the Python side --------------------------------------------------------------------------
+
+
+def test_library_is_installed_in_the_package() -> None:
+    path = Path(get_library_path())
+    assert path.parent == Path(haste_onnx.__file__).resolve().parent
+    assert path.name == "libhaste_onnx_ops.so"
+
+
+def test_make_session_registers_the_library(tmp_path: Path) -> None:
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((3, 4, 3, 3)).astype(np.float32)
+    planes = make_planes(8, 25, 2 / 3, rng)
+    model = haste_model(w, planes, pads=(1, 1, 1, 1))
+    x = rng.standard_normal((1, 4, 7, 7)).astype(np.float32)
+    expected = haste_conv(x, w, planes, pads=(1, 1, 1, 1))
+    path = tmp_path / "haste.onnx"
+    onnx.save(model, path)
+    for source in (model, path, model.SerializeToString()):
+        sess = make_session(source, intra_op_num_threads=1)
+        assert sess.get_session_options().intra_op_num_threads == 1
+        assert relative_l2(sess.run(None, {"X": x})[0], expected) <= 1e-5
