@@ -29,13 +29,19 @@ endif()
 set(_ort_cache "${_ort_cache_root}/haste-onnx/onnxruntime-headers-1.21")
 set(_ort_tried "")
 
-# Moves freshly fetched headers from STAGING into the cache (atomically, so that an interrupted
-# fetch never leaves a half-filled cache; a concurrent build may have won the race).
-function(_ort_store_in_cache staging)
-  get_filename_component(_parent "${_ort_cache}" DIRECTORY)
-  file(MAKE_DIRECTORY "${_parent}")
-  execute_process(COMMAND "${CMAKE_COMMAND}" -E rename "${staging}" "${_ort_cache}"
-                  RESULT_VARIABLE _rc OUTPUT_QUIET ERROR_QUIET)
+# Fetches go to a fresh staging directory beside the cache, then move in with one rename (so an
+# interrupted fetch never leaves a half-filled cache, and a concurrent build that won the race
+# is simply used); staging beside the cache keeps the rename on one file system.
+function(_ort_new_staging out_var)
+  string(RANDOM LENGTH 12 _suffix)
+  set(_dir "${_ort_cache}.staging-${_suffix}")
+  file(MAKE_DIRECTORY "${_dir}")
+  set(${out_var} "${_dir}" PARENT_SCOPE)
+endfunction()
+
+function(_ort_store_in_cache headers staging)
+  execute_process(COMMAND "${CMAKE_COMMAND}" -E rename "${headers}" "${_ort_cache}"
+                  OUTPUT_QUIET ERROR_QUIET)
   file(REMOVE_RECURSE "${staging}")
 endfunction()
 
@@ -53,7 +59,7 @@ if(ONNXRUNTIME_INCLUDE_DIR)
 endif()
 
 # 2. An installed development package.
-if(NOT OrtHeaders_INCLUDE_DIR)
+if(NOT OrtHeaders_ROUTE)
   find_package(onnxruntime CONFIG QUIET)
   if(TARGET onnxruntime::onnxruntime)
     get_target_property(_ort_hints onnxruntime::onnxruntime INTERFACE_INCLUDE_DIRECTORIES)
@@ -70,15 +76,14 @@ if(NOT OrtHeaders_INCLUDE_DIR)
 endif()
 
 # 3. The per-user cache.
-if(NOT OrtHeaders_INCLUDE_DIR AND EXISTS "${_ort_cache}/onnxruntime_cxx_api.h")
+if(NOT OrtHeaders_ROUTE AND EXISTS "${_ort_cache}/onnxruntime_cxx_api.h")
   set(OrtHeaders_INCLUDE_DIR "${_ort_cache}")
   set(OrtHeaders_ROUTE "the per-user cache")
 endif()
 
 # 4. The official release archive.
-if(NOT OrtHeaders_INCLUDE_DIR)
-  set(_staging "${CMAKE_CURRENT_BINARY_DIR}/ort-release")
-  file(REMOVE_RECURSE "${_staging}")
+if(NOT OrtHeaders_ROUTE)
+  _ort_new_staging(_staging)
   set(_tgz "${_staging}/${_ort_archive}.tgz")
   file(DOWNLOAD "${_ort_url}" "${_tgz}" TIMEOUT 60 INACTIVITY_TIMEOUT 15 STATUS _status)
   list(GET _status 1 _reason)
@@ -92,33 +97,39 @@ if(NOT OrtHeaders_INCLUDE_DIR)
   if(_rc EQUAL 0 AND _sha256 STREQUAL _ort_sha256)
     file(ARCHIVE_EXTRACT INPUT "${_tgz}" DESTINATION "${_staging}"
          PATTERNS "${_ort_archive}/include")
-    _ort_store_in_cache("${_staging}/${_ort_archive}/include")
-    set(OrtHeaders_INCLUDE_DIR "${_ort_cache}")
+    _ort_store_in_cache("${_staging}/${_ort_archive}/include" "${_staging}")
     set(OrtHeaders_ROUTE "the official onnxruntime ${_ort_version} release archive")
   else()
+    file(REMOVE_RECURSE "${_staging}")
     list(APPEND _ort_tried "release archive: ${_reason}")
   endif()
-  file(REMOVE_RECURSE "${_staging}")
 endif()
 
 # 5. Debian 13's libonnxruntime-dev.
-if(NOT OrtHeaders_INCLUDE_DIR)
+if(NOT OrtHeaders_ROUTE)
   if(EXISTS /etc/debian_version)
-    set(_staging "${CMAKE_CURRENT_BINARY_DIR}/ort-debian")
-    file(REMOVE_RECURSE "${_staging}")
+    _ort_new_staging(_staging)
     execute_process(
-      COMMAND sh "${CMAKE_CURRENT_LIST_DIR}/fetch_debian_ort_headers.sh" "${_staging}"
+      COMMAND sh "${CMAKE_CURRENT_LIST_DIR}/fetch_debian_ort_headers.sh" "${_staging}/include"
       RESULT_VARIABLE _rc OUTPUT_VARIABLE _out ERROR_VARIABLE _err TIMEOUT 300
       OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_STRIP_TRAILING_WHITESPACE)
     if(_rc EQUAL 0)
-      _ort_store_in_cache("${_staging}")
-      set(OrtHeaders_INCLUDE_DIR "${_ort_cache}")
+      _ort_store_in_cache("${_staging}/include" "${_staging}")
       set(OrtHeaders_ROUTE "Debian 13 (trixie) ${_out}")
     else()
-      list(APPEND _ort_tried "Debian trixie libonnxruntime-dev: ${_rc} ${_err}")
+      file(REMOVE_RECURSE "${_staging}")
+      list(APPEND _ort_tried "Debian trixie libonnxruntime-dev: ${_err} (exit status: ${_rc})")
     endif()
   else()
     list(APPEND _ort_tried "Debian trixie libonnxruntime-dev: not a Debian system")
+  endif()
+endif()
+
+if(OrtHeaders_ROUTE AND NOT OrtHeaders_INCLUDE_DIR)  # fetched just now
+  if(EXISTS "${_ort_cache}/onnxruntime_cxx_api.h")
+    set(OrtHeaders_INCLUDE_DIR "${_ort_cache}")
+  else()
+    list(APPEND _ort_tried "${OrtHeaders_ROUTE}: the headers could not be moved to ${_ort_cache}")
   endif()
 endif()
 
