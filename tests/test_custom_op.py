@@ -291,6 +291,23 @@ def test_exact_no_planes_is_conv_of_channel_mean() -> None:
     assert relative_l2(cmp.y, run(conv_model(w, pads), x)) > 0.1
 
 
+def test_one_hot_inputs_give_exactly_conv() -> None:
+    """One hot pixel: its channel gets its own bucket and the zero channels, merged, add nothing,
+    so HasteConv is exactly Conv. Power-of-two weights keep every sum exact: any slip in patch
+    or output indexing shows."""
+    rng = np.random.default_rng(10)
+    shape = (5, 8, 3, 3)
+    w = (rng.choice([-1, 1], shape) * 2.0 ** rng.integers(-3, 4, shape)).astype(np.float32)
+    pads = (2, 0, 1, 1)
+    haste = session(haste_model(w, make_planes(14, 25, 1 / 2, rng), pads=pads))
+    conv = session(conv_model(w, pads))
+    for c, y, x in [(0, 0, 0), (3, 6, 10), (7, 9, 0), (5, 4, 5), (1, 9, 10)]:
+        image = np.zeros((1, 8, 10, 11), np.float32)
+        image[0, c, y, x] = 1.0
+        expected = conv.run(None, {"X": image})[0]
+        np.testing.assert_array_equal(haste.run(None, {"X": image})[0], expected)
+
+
 # --- threads ----------------------------------------------------------------------------------
 
 
