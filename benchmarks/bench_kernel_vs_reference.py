@@ -1,17 +1,24 @@
 """Time the HasteConv C++ operator against the numpy reference on one layer.
 
 1x64x32x32 -> 64 channels, 3x3 kernel, pads 1, L = 14, s = 2/3, random inputs; prints the median
-time of each and their ratio. Run after `pip install .`:
+time of each and their ratio. Both run on one thread unless told otherwise (numpy's BLAS through
+the usual environment variables, the operator through --threads), so that the ratio compares
+the code and not how busy the machine's other cores are. Run after `pip install .`:
 
     python benchmarks/bench_kernel_vs_reference.py [--threads 1] [--repeats 20]
 """
 
+# ruff: noqa: E402  (the BLAS thread count must be set before numpy is imported)
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
+
+for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")  # before numpy loads its BLAS
 
 import numpy as np
 import onnxruntime as ort

@@ -87,32 +87,64 @@ void GatherPatch(const Geometry& g, const float* image, int64_t ty, int64_t tx, 
   }
 }
 
+// Channels are hashed kHashBlock at a time, their projections summed in registers.
+constexpr int64_t kHashBlock = 8;
+
+// Two doubles (an SSE2 or NEON register), unaligned and allowed to alias double.
+typedef double Vec2d __attribute__((vector_size(16), may_alias, aligned(8)));
+
+// Channels rounded up to whole hash blocks: the row length of the centered patch.
+int64_t HashWidth(int64_t channels) {
+  return (channels + kHashBlock - 1) / kHashBlock * kHashBlock;
+}
+
+// The non-zero entries of the hyperplanes [L, D], plane by plane: zero entries add exactly
+// nothing to a projection, and a list skips them without a branch per entry.
+struct SparsePlanes {
+  std::vector<int64_t> start;  // [L + 1]: plane l is entries start[l] .. start[l + 1]
+  std::vector<int64_t> index;  // position j of each entry
+  std::vector<double> value;
+
+  SparsePlanes(const float* planes, int64_t num_planes, int64_t dim) : start{0} {
+    for (int64_t l = 0; l < num_planes; ++l) {
+      for (int64_t j = 0; j < dim; ++j) {
+        if (planes[l * dim + j] == 0.0f) continue;
+        index.push_back(j);
+        value.push_back(planes[l * dim + j]);
+      }
+      start.push_back(static_cast<int64_t>(index.size()));
+    }
+  }
+  int64_t size() const { return static_cast<int64_t>(start.size()) - 1; }
+};
+
 // Hashes every channel of patch [C, D]: code bit l is dot(planes[l], v_c - mean_c v_c) > 0.
-// Everything is in double and each dot product is summed over j in order (zero plane entries add
-// exactly nothing and are skipped), the mean summed over channels in order as numpy does, so the
-// codes agree with the reference except for projections within double rounding of zero.
-// Scratch: mean [D], centered [D, C], dots [C].
-void HashPatch(const float* patch, int64_t channels, int64_t dim, const float* planes,
-               int64_t num_planes, double* mean, double* centered, double* dots, uint64_t* codes) {
+// Everything is in double and each dot product is summed over j in order, the mean summed over
+// channels in order as numpy does, so the codes agree with the reference except for projections
+// within double rounding of zero. Scratch: mean [D], centered [D, HashWidth(C)].
+void HashPatch(const float* patch, int64_t channels, int64_t dim, const SparsePlanes& planes,
+               double* mean, double* centered, uint64_t* codes) {
+  const int64_t width = HashWidth(channels);
   std::copy(patch, patch + dim, mean);
   for (int64_t c = 1; c < channels; ++c) {
     for (int64_t j = 0; j < dim; ++j) mean[j] += patch[c * dim + j];
   }
   for (int64_t j = 0; j < dim; ++j) mean[j] /= static_cast<double>(channels);
-  for (int64_t c = 0; c < channels; ++c) {
-    for (int64_t j = 0; j < dim; ++j) centered[j * channels + c] = patch[c * dim + j] - mean[j];
+  std::fill(centered, centered + dim * width, 0.0);
+  for (int64_t j = 0; j < dim; ++j) {
+    for (int64_t c = 0; c < channels; ++c) centered[j * width + c] = patch[c * dim + j] - mean[j];
   }
-  std::fill(codes, codes + channels, uint64_t{0});
-  for (int64_t l = 0; l < num_planes; ++l) {
-    std::fill(dots, dots + channels, 0.0);
-    for (int64_t j = 0; j < dim; ++j) {
-      const double p = planes[l * dim + j];
-      if (p == 0.0) continue;
-      const double* u = centered + j * channels;
-      for (int64_t c = 0; c < channels; ++c) dots[c] += p * u[c];
-    }
-    for (int64_t c = 0; c < channels; ++c) {
-      if (dots[c] > 0.0) codes[c] |= uint64_t{1} << l;
+  for (int64_t c0 = 0; c0 < channels; c0 += kHashBlock) {
+    const int64_t count = std::min(kHashBlock, channels - c0);
+    std::fill(codes + c0, codes + c0 + count, uint64_t{0});
+    for (int64_t l = 0; l < planes.size(); ++l) {
+      Vec2d dots[kHashBlock / 2] = {};
+      for (int64_t e = planes.start[l]; e < planes.start[l + 1]; ++e) {
+        const double p = planes.value[e];
+        const Vec2d* u = reinterpret_cast<const Vec2d*>(centered + planes.index[e] * width + c0);
+        for (int64_t i = 0; i < kHashBlock / 2; ++i) dots[i] += p * u[i];
+      }
+      for (int64_t i = 0; i < count; ++i) codes[c0 + i] |= uint64_t{dots[i / 2][i % 2] > 0.0} << l;
     }
   }
 }
@@ -127,60 +159,102 @@ struct Job {
   const float* x;        // [N, C, H, W]
   const float* filters;  // W as [C, K*K, m_padded], zero-padded: contiguous over output channels
   const float* bias;     // [M] or null
-  const float* planes;   // [L, P*P]
-  int64_t num_planes;
+  const SparsePlanes* planes;
   bool relu;
   float* y;  // [N, M, Ho, Wo]
   std::atomic<bool> failed{false};
 };
 
-// out [T*T, m_padded] += valid convolution of one P x P input with filters [K*K, m_padded],
-// kBlock output channels at a time, whose accumulators stay in vector registers (of kLanes
-// floats) over the kernel window.
-template <int kLanes>
-__attribute__((always_inline)) inline void AccumulateConvWith(const Geometry& g, int64_t m_padded,
-                                                              const float* in, const float* filters,
-                                                              float* out) {
+// One bucket of a tile: its (merged) P x P input and its (summed) filters [K*K, m_padded].
+struct Bucket {
+  const float* in;
+  const float* filters;
+};
+
+// Where the kernel taps and the output pixels of a tile read a P x P input.
+struct TileOffsets {
+  std::vector<int64_t> taps;    // [K*K]: kh * P + kw
+  std::vector<int64_t> pixels;  // [T*T]: oy * P + ox
+};
+
+// Output channels m0 .. m0 + kBlock of kPixels output pixels (inputs at base[0 .. kPixels)),
+// summed over all buckets and taps in registers of kLanes floats; written to out, one row of
+// m_padded floats per pixel.
+template <int kLanes, int kPixels>
+__attribute__((always_inline)) inline void ConvBlock(const std::vector<Bucket>& buckets,
+                                                     const std::vector<int64_t>& taps,
+                                                     const int64_t* base, int64_t m0,
+                                                     int64_t m_padded, float* out) {
   // Unaligned and allowed to alias float, like the compilers' own __m128_u and __m256_u.
   typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), may_alias, aligned(4)));
-  constexpr int64_t kVectors = kBlock / kLanes;
-  for (int64_t m0 = 0; m0 < m_padded; m0 += kBlock) {
-    for (int64_t oy = 0; oy < g.tile; ++oy) {
-      for (int64_t ox = 0; ox < g.tile; ++ox) {
-        Vec* o = reinterpret_cast<Vec*>(out + (oy * g.tile + ox) * m_padded + m0);
-        Vec acc[kVectors];
-        for (int64_t i = 0; i < kVectors; ++i) acc[i] = o[i];
-        for (int64_t kh = 0; kh < g.k; ++kh) {
-          const float* row = in + (oy + kh) * g.patch + ox;
-          const float* f = filters + kh * g.k * m_padded + m0;
-          for (int64_t kw = 0; kw < g.k; ++kw, f += m_padded) {
-            const float v = row[kw];
-            const Vec* w = reinterpret_cast<const Vec*>(f);
-            for (int64_t i = 0; i < kVectors; ++i) acc[i] += v * w[i];
-          }
-        }
-        for (int64_t i = 0; i < kVectors; ++i) o[i] = acc[i];
+  constexpr int kVectors = kBlock / kLanes;
+  Vec acc[kPixels][kVectors] = {};
+  for (const Bucket& bucket : buckets) {
+    const float* f = bucket.filters + m0;
+    for (const int64_t tap : taps) {
+      Vec w[kVectors];
+      for (int i = 0; i < kVectors; ++i) w[i] = reinterpret_cast<const Vec*>(f)[i];
+      for (int p = 0; p < kPixels; ++p) {
+        const float v = bucket.in[base[p] + tap];
+        for (int i = 0; i < kVectors; ++i) acc[p][i] += v * w[i];
       }
+      f += m_padded;
+    }
+  }
+  for (int p = 0; p < kPixels; ++p) {
+    for (int i = 0; i < kVectors; ++i)
+      reinterpret_cast<Vec*>(out + p * m_padded + m0)[i] = acc[p][i];
+  }
+}
+
+// ConvBlock for the `count` <= kPixels pixels at base.
+template <int kLanes, int kPixels>
+__attribute__((always_inline)) inline void ConvPixels(const std::vector<Bucket>& buckets,
+                                                      const std::vector<int64_t>& taps,
+                                                      const int64_t* base, int64_t count,
+                                                      int64_t m0, int64_t m_padded, float* out) {
+  if constexpr (kPixels > 1) {
+    if (count < kPixels) {
+      return ConvPixels<kLanes, kPixels - 1>(buckets, taps, base, count, m0, m_padded, out);
+    }
+  }
+  ConvBlock<kLanes, kPixels>(buckets, taps, base, m0, m_padded, out);
+}
+
+// out [T*T, m_padded] = the tile's reduced convolution: the valid convolution of each bucket's
+// input with its filters, summed over buckets. Pixels go in groups whose accumulators fill the
+// vector registers (16 on x86-64).
+template <int kLanes>
+__attribute__((always_inline)) inline void ConvTileWith(const std::vector<Bucket>& buckets,
+                                                        const TileOffsets& offsets,
+                                                        int64_t m_padded, float* out) {
+  constexpr int kGroup = kLanes == 8 ? 5 : 2;
+  const int64_t pixels = static_cast<int64_t>(offsets.pixels.size());
+  for (int64_t m0 = 0; m0 < m_padded; m0 += kBlock) {
+    for (int64_t p = 0; p < pixels; p += kGroup) {
+      ConvPixels<kLanes, kGroup>(buckets, offsets.taps, &offsets.pixels[p],
+                                 std::min<int64_t>(kGroup, pixels - p), m0, m_padded,
+                                 out + p * m_padded);
     }
   }
 }
 
 #if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
-__attribute__((target("avx2,fma"))) void AccumulateConvAvx2(const Geometry& g, int64_t m_padded,
-                                                            const float* in, const float* filters,
-                                                            float* out) {
-  AccumulateConvWith<8>(g, m_padded, in, filters, out);
+__attribute__((target("avx2,fma"))) void ConvTileAvx2(const std::vector<Bucket>& buckets,
+                                                      const TileOffsets& offsets, int64_t m_padded,
+                                                      float* out) {
+  ConvTileWith<8>(buckets, offsets, m_padded, out);
 }
 #endif
 
-// The portable kernel, or on x86-64 CPUs with AVX2 and FMA the same kernel with eight lanes.
-void AccumulateConv(const Geometry& g, int64_t m_padded, const float* in, const float* filters,
-                    float* out) {
+// The portable kernel (four lanes), or on x86-64 CPUs with AVX2 and FMA the same with eight.
+void ConvTile(const std::vector<Bucket>& buckets, const TileOffsets& offsets, int64_t m_padded,
+              float* out) {
 #if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx2) return AccumulateConvAvx2(g, m_padded, in, filters, out);
+  if (avx2) return ConvTileAvx2(buckets, offsets, m_padded, out);
 #endif
-  AccumulateConvWith<4>(g, m_padded, in, filters, out);
+  ConvTileWith<4>(buckets, offsets, m_padded, out);
 }
 
 // Computes one row of output tiles of one image. Work items write disjoint parts of Y.
@@ -188,45 +262,68 @@ void RunTileRow(const Job& job, int64_t index) {
   const Geometry& g = job.g;
   const int64_t n = index / g.tiles_y, ty = index % g.tiles_y;
   const int64_t p2 = g.patch * g.patch, filter_size = g.k * g.k * job.m_padded;
-  std::vector<float> patch(g.c * p2), merged_in(p2), merged_w(filter_size),
-      out(g.tile * g.tile * job.m_padded);
-  std::vector<double> mean(p2), centered(p2 * g.c), dots(g.c);
+  std::vector<float> patch(g.c * p2), out(g.tile * g.tile * job.m_padded);
+  std::vector<float> merged_in, merged_w;  // grown on demand: one slot per merging bucket
+  std::vector<double> mean(p2), centered(p2 * HashWidth(g.c));
   std::vector<uint64_t> codes(g.c);
-  std::vector<int64_t> order(g.c);
+  std::vector<int64_t> order(g.c), starts;
+  std::vector<Bucket> buckets;
+  TileOffsets offsets;
+  for (int64_t kh = 0; kh < g.k; ++kh) {
+    for (int64_t kw = 0; kw < g.k; ++kw) offsets.taps.push_back(kh * g.patch + kw);
+  }
+  for (int64_t oy = 0; oy < g.tile; ++oy) {
+    for (int64_t ox = 0; ox < g.tile; ++ox) offsets.pixels.push_back(oy * g.patch + ox);
+  }
   const float* image = job.x + n * g.c * g.h * g.w;
 
   for (int64_t tx = 0; tx < g.tiles_x; ++tx) {
     GatherPatch(g, image, ty, tx, patch.data());
-    HashPatch(patch.data(), g.c, p2, job.planes, job.num_planes, mean.data(), centered.data(),
-              dots.data(), codes.data());
+    HashPatch(patch.data(), g.c, p2, *job.planes, mean.data(), centered.data(), codes.data());
     std::iota(order.begin(), order.end(), 0);
     std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
       return codes[a] != codes[b] ? codes[a] < codes[b] : a < b;
     });
-    std::fill(out.begin(), out.end(), 0.0f);
 
-    // Each bucket (run of equal codes): convolve the mean of its patches with the sum of its
-    // filter channels; a bucket of one channel is used in place.
-    for (int64_t begin = 0, end = 0; begin < g.c; begin = end) {
-      for (end = begin + 1; end < g.c && codes[order[end]] == codes[order[begin]];) ++end;
-      const float* in = patch.data() + order[begin] * p2;
-      const float* filters = job.filters + order[begin] * filter_size;
-      if (end - begin > 1) {
-        std::fill(merged_in.begin(), merged_in.end(), 0.0f);
-        std::fill(merged_w.begin(), merged_w.end(), 0.0f);
-        for (int64_t i = begin; i < end; ++i) {
-          const float* src_in = patch.data() + order[i] * p2;
-          const float* src_w = job.filters + order[i] * filter_size;
-          for (int64_t j = 0; j < p2; ++j) merged_in[j] += src_in[j];
-          for (int64_t j = 0; j < filter_size; ++j) merged_w[j] += src_w[j];
-        }
-        const float scale = 1.0f / static_cast<float>(end - begin);
-        for (float& v : merged_in) v *= scale;
-        in = merged_in.data();
-        filters = merged_w.data();
-      }
-      AccumulateConv(g, job.m_padded, in, filters, out.data());
+    // Buckets are runs of equal codes in `order`. A bucket of one channel is used in place; a
+    // larger one gets the mean of its patches and the sum of its filter channels.
+    starts.clear();
+    int64_t merging = 0;
+    for (int64_t i = 0; i < g.c; ++i) {
+      if (i == 0 || codes[order[i]] != codes[order[i - 1]]) starts.push_back(i);
     }
+    starts.push_back(g.c);
+    for (size_t b = 0; b + 1 < starts.size(); ++b) merging += starts[b + 1] - starts[b] > 1;
+    if (merged_in.size() < static_cast<size_t>(merging * p2)) {
+      merged_in.resize(merging * p2);
+      merged_w.resize(merging * filter_size);
+    }
+    buckets.clear();
+    float* slot_in = merged_in.data();
+    float* slot_w = merged_w.data();
+    for (size_t b = 0; b + 1 < starts.size(); ++b) {
+      const int64_t first = order[starts[b]], size = starts[b + 1] - starts[b];
+      const float* in = patch.data() + first * p2;
+      const float* filters = job.filters + first * filter_size;
+      if (size == 1) {
+        buckets.push_back({in, filters});
+        continue;
+      }
+      std::copy(in, in + p2, slot_in);
+      std::copy(filters, filters + filter_size, slot_w);
+      for (int64_t i = starts[b] + 1; i < starts[b + 1]; ++i) {
+        const float* more_in = patch.data() + order[i] * p2;
+        const float* more_w = job.filters + order[i] * filter_size;
+        for (int64_t j = 0; j < p2; ++j) slot_in[j] += more_in[j];
+        for (int64_t j = 0; j < filter_size; ++j) slot_w[j] += more_w[j];
+      }
+      const float scale = 1.0f / static_cast<float>(size);
+      for (int64_t j = 0; j < p2; ++j) slot_in[j] *= scale;
+      buckets.push_back({slot_in, slot_w});
+      slot_in += p2;
+      slot_w += filter_size;
+    }
+    ConvTile(buckets, offsets, job.m_padded, out.data());
 
     const int64_t y0 = ty * g.tile, x0 = tx * g.tile;
     const int64_t rows = std::min(g.tile, g.out_h - y0), cols = std::min(g.tile, g.out_w - x0);
@@ -388,14 +485,15 @@ void HasteConvKernel::Compute(const Ort::KernelContext& context) const {
     }
   }
 
+  const SparsePlanes sparse_planes(planes.GetTensorData<float>(), planes_shape[0], p2);
+
   Ort::UnownedValue y = context.GetOutput(0, {g.n, g.m, g.out_h, g.out_w});
   Job job{g,
           m_padded,
           x.GetTensorData<float>(),
           filters.data(),
           bias != nullptr ? bias.GetTensorData<float>() : nullptr,
-          planes.GetTensorData<float>(),
-          planes_shape[0],
+          &sparse_planes,
           attrs_.relu,
           y.GetTensorMutableData<float>()};
   context.ParallelFor(
@@ -426,14 +524,15 @@ extern "C" int HasteConvTileCodes(const float* x, const int64_t* x_shape, const 
     const Geometry g = MakeGeometry(xs, {1, xs[1], kernel, kernel}, attrs);
     const int64_t p2 = g.patch * g.patch;
     std::vector<float> patch(g.c * p2);
-    std::vector<double> mean(p2), centered(p2 * g.c), dots(g.c);
+    const SparsePlanes sparse_planes(planes, num_planes, p2);
+    std::vector<double> mean(p2), centered(p2 * HashWidth(g.c));
     for (int64_t n = 0; n < g.n; ++n) {
       for (int64_t ty = 0; ty < g.tiles_y; ++ty) {
         for (int64_t tx = 0; tx < g.tiles_x; ++tx) {
           GatherPatch(g, x + n * g.c * g.h * g.w, ty, tx, patch.data());
           const int64_t tile_index = (n * g.tiles_y + ty) * g.tiles_x + tx;
-          HashPatch(patch.data(), g.c, p2, planes, num_planes, mean.data(), centered.data(),
-                    dots.data(), codes + tile_index * g.c);
+          HashPatch(patch.data(), g.c, p2, sparse_planes, mean.data(), centered.data(),
+                    codes + tile_index * g.c);
         }
       }
     }
