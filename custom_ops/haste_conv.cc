@@ -76,7 +76,7 @@ Geometry MakeGeometry(const Shape& x, const Shape& w, const HasteConvAttributes&
 void GatherPatch(const Geometry& g, const float* image, int64_t ty, int64_t tx, float* patch) {
   const int64_t p = g.patch, y0 = ty * g.tile - g.pad_top, x0 = tx * g.tile - g.pad_left;
   const int64_t lo = std::clamp<int64_t>(-x0, 0, p), hi = std::clamp<int64_t>(g.w - x0, lo, p);
-  std::fill(patch, patch + g.c * p * p, 0.0f);
+  if (lo > 0 || hi < p || y0 < 0 || y0 + p > g.h) std::fill(patch, patch + g.c * p * p, 0.0f);
   for (int64_t c = 0; c < g.c; ++c) {
     for (int64_t py = 0; py < p; ++py) {
       const int64_t iy = y0 + py;
@@ -130,13 +130,14 @@ void HashPatch(const float* patch, int64_t channels, int64_t dim, const SparsePl
     for (int64_t j = 0; j < dim; ++j) mean[j] += patch[c * dim + j];
   }
   for (int64_t j = 0; j < dim; ++j) mean[j] /= static_cast<double>(channels);
-  std::fill(centered, centered + dim * width, 0.0);
   for (int64_t j = 0; j < dim; ++j) {
-    for (int64_t c = 0; c < channels; ++c) centered[j * width + c] = patch[c * dim + j] - mean[j];
+    double* row = centered + j * width;
+    for (int64_t c = 0; c < channels; ++c) row[c] = patch[c * dim + j] - mean[j];
+    std::fill(row + channels, row + width, 0.0);  // the last block's spare lanes
   }
   for (int64_t c0 = 0; c0 < channels; c0 += kHashBlock) {
     const int64_t count = std::min(kHashBlock, channels - c0);
-    std::fill(codes + c0, codes + c0 + count, uint64_t{0});
+    uint64_t block_codes[kHashBlock] = {};
     for (int64_t l = 0; l < planes.size(); ++l) {
       Vec2d dots[kHashBlock / 2] = {};
       for (int64_t e = planes.start[l]; e < planes.start[l + 1]; ++e) {
@@ -144,8 +145,10 @@ void HashPatch(const float* patch, int64_t channels, int64_t dim, const SparsePl
         const Vec2d* u = reinterpret_cast<const Vec2d*>(centered + planes.index[e] * width + c0);
         for (int64_t i = 0; i < kHashBlock / 2; ++i) dots[i] += p * u[i];
       }
-      for (int64_t i = 0; i < count; ++i) codes[c0 + i] |= uint64_t{dots[i / 2][i % 2] > 0.0} << l;
+      for (int64_t i = 0; i < kHashBlock; ++i)
+        block_codes[i] |= uint64_t{dots[i / 2][i % 2] > 0.0} << l;
     }
+    std::copy(block_codes, block_codes + count, codes + c0);
   }
 }
 
