@@ -8,6 +8,8 @@ or let :func:`make_session` do it.
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +17,11 @@ import onnx
 import onnxruntime as ort
 
 LIBRARY_NAME = "libhaste_onnx_ops.so"
+
+# Options the library is registered on: onnxruntime refuses a second registration of the same
+# operator domain on one SessionOptions, and callers may reuse theirs for several sessions.
+_registered: weakref.WeakSet[ort.SessionOptions] = weakref.WeakSet()
+_registered_lock = threading.Lock()
 
 
 def get_library_path() -> str:
@@ -37,11 +44,14 @@ def make_session(
     """An onnxruntime session for ``model`` (a ModelProto, a path or serialized bytes) with the
     HasteConv library registered.
 
-    ``sess_options`` are used as given (the library is registered on them);
-    ``intra_op_num_threads``, when set, overrides theirs.
+    ``sess_options`` are used as given and may be reused: the library is registered on them
+    once. ``intra_op_num_threads``, when set, overrides theirs.
     """
     options = sess_options if sess_options is not None else ort.SessionOptions()
-    options.register_custom_ops_library(get_library_path())
+    with _registered_lock:
+        if options not in _registered:
+            options.register_custom_ops_library(get_library_path())
+            _registered.add(options)
     if intra_op_num_threads is not None:
         options.intra_op_num_threads = intra_op_num_threads
     if isinstance(model, onnx.ModelProto):

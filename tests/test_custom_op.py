@@ -453,7 +453,9 @@ def test_make_session_registers_the_library(tmp_path: Path) -> None:
     expected = haste_conv(x, w, planes, pads=(1, 1, 1, 1))
     path = tmp_path / "haste.onnx"
     onnx.save(model, path)
+    options = ort.SessionOptions()  # reused: registered once
     for source in (model, path, model.SerializeToString()):
-        sess = make_session(source, intra_op_num_threads=1)
+        sess = make_session(source, intra_op_num_threads=1, sess_options=options)
         assert sess.get_session_options().intra_op_num_threads == 1
         assert relative_l2(sess.run(None, {"X": x})[0], expected) <= 1e-5
+    assert relative_l2(make_session(model).run(None, {"X": x})[0], expected) <= 1e-5
