@@ -1,0 +1,45 @@
+"""Accuracy against FLOPs on a real trained network and real labeled images (fast version of the
+documented sweep): more planes keep more accuracy and save fewer FLOPs, and LSH beats random
+grouping at the same bucket sizes by a wide margin."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from haste_onnx import datasets
+from haste_onnx.evaluate import ablation, evaluate
+from haste_onnx.passes.rewrite import HasteOptions
+
+ROOT = Path(__file__).parent.parent
+MODEL = ROOT / "models" / "fashion" / "resnet18_fashion.onnx"
+DATA = Path(__file__).parent / "data" / "fashion_mnist_test_500.npz"
+MEAN, STD = 0.2860 * 255, 0.3530 * 255  # the training script's normalisation
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    images, labels = datasets.load_npz(DATA)
+    return onnx.load(MODEL), datasets.normalize(images, MEAN, STD)[:300], labels[:300]
+
+
+def test_accuracy_recovers_and_savings_fall_as_planes_grow(fashion):
+    model, images, labels = fashion
+    ev = evaluate(model, images, labels, "fashion", planes=(4, 16), seeds=(0,), stats_images=100)
+    few, many = ev.rows
+    assert ev.baseline_accuracy > 0.85  # the trained network really classifies
+    assert few.accuracy[0] < ev.baseline_accuracy - 0.2  # L = 4 merges far too much
+    assert many.accuracy[0] > ev.baseline_accuracy - 0.03  # L = 16 is close to the baseline
+    assert few.reduction[0] > many.reduction[0] + 0.1
+    assert few.mean_ratio[0] > many.mean_ratio[0]
+    assert many.reduction[0] > 0.15  # and still saves real FLOPs
+
+
+def test_lsh_beats_random_grouping_at_the_same_ratio(fashion):
+    model, images, labels = fashion
+    result = ablation(model, HasteOptions(num_planes=10), images[:60], labels[:60])
+    assert result.mean_ratio > 0.4  # many channels merge
+    assert result.lsh_accuracy > 0.8
+    assert result.lsh_accuracy - result.random_accuracy > 0.4
+    assert np.isfinite(result.random_accuracy)
