@@ -521,6 +521,9 @@ def _listing(kind: type) -> Callable[[click.Context, click.Parameter, str], tupl
     show_default=True,
     help="Also run random grouping at LSH's bucket sizes on this many images.",
 )
+@click.option(
+    "--threads", type=click.IntRange(1), default=None, help="onnxruntime intra-op threads."
+)
 @_plot_option
 @_policy_options
 @_output_options
@@ -534,6 +537,7 @@ def evaluate(
     seeds: int,
     stats_images: int,
     ablation_images: int,
+    threads: int | None,
     plot: Path | None,
     **kw: Any,
 ) -> None:
@@ -558,6 +562,7 @@ def evaluate(
         stats_images,
         ablation_images,
         console.progress,
+        threads,
     )
     console.echo(evaluation.table(result))
     if plot is not None:

@@ -120,6 +120,7 @@ def measure(
     labels: np.ndarray,
     stats_images: int = 500,
     batch: int = 250,
+    threads: int | None = None,
 ) -> Run:
     """Convert with ``options`` and measure top-1 accuracy and FLOPs on ``images``."""
     name = _single_input(original)
@@ -131,7 +132,7 @@ def measure(
         probe.graph.output.append(
             onnx.helper.make_tensor_value_info(plan.input, onnx.TensorProto.FLOAT, None)
         )
-    session = runtime.make_session(ir.session_source(probe))
+    session = runtime.make_session(ir.session_source(probe), intra_op_num_threads=threads)
     weights = {t.name: t for t in converted.graph.initializer}
     planes = {}
     for node in converted.graph.node:
@@ -257,14 +258,16 @@ def ablation(
     images: np.ndarray,
     labels: np.ndarray,
     batch: int = 100,
+    threads: int | None = None,
 ) -> Ablation:
     """Accuracy of LSH and of random grouping at the same bucket sizes, on ``images``."""
     name = _single_input(original)
     converted, _, _ = rewrite(original, options)
-    lsh = _run(runtime.make_session(ir.session_source(converted)), name, images, batch)
+    session = runtime.make_session(ir.session_source(converted), intra_op_num_threads=threads)
+    lsh = _run(session, name, images, batch)
     evaluator = ReferenceEvaluator(converted, new_ops=[_random_grouping_op(options.seed)])
     random = [evaluator.run(None, {name: images[sl]}) for sl in _batches(len(images), batch)]
-    run = measure(original, options, images, labels, stats_images=len(images))
+    run = measure(original, options, images, labels, stats_images=len(images), threads=threads)
     return Ablation(
         num_planes=options.num_planes,
         images=len(images),
@@ -285,6 +288,7 @@ def evaluate(
     stats_images: int = 500,
     ablation_images: int = 0,
     progress: Progress | None = None,
+    threads: int | None = None,
 ) -> Evaluation:
     """The sweep: baseline, then every L with every seed; optionally the random ablation at
     each L on the first ``ablation_images`` images."""
@@ -292,7 +296,12 @@ def evaluate(
     options = options or HasteOptions()
     name = _single_input(model)
     say("baseline")
-    session = ort.InferenceSession(ir.session_source(model), providers=["CPUExecutionProvider"])
+    session_options = ort.SessionOptions()
+    if threads is not None:
+        session_options.intra_op_num_threads = threads
+    session = ort.InferenceSession(
+        ir.session_source(model), session_options, providers=["CPUExecutionProvider"]
+    )
     logits = np.concatenate([r[0] for r in _run(session, name, images, 250)])
     baseline = _accuracy(logits, labels)
     rows, ablations = [], []
@@ -307,6 +316,7 @@ def evaluate(
                     images,
                     labels,
                     stats_images,
+                    threads=threads,
                 )
             )
         rows.append(Row(num_planes, runs))
@@ -318,6 +328,7 @@ def evaluate(
                     dataclasses.replace(options, num_planes=num_planes),
                     images[:ablation_images],
                     labels[:ablation_images],
+                    threads=threads,
                 )
             )
     _, decisions = decide(model, options)
