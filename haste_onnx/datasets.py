@@ -268,7 +268,11 @@ def load_npz(
 # Image folders
 
 
-def _read_images(paths: list[Path], mode: str | None, size: tuple[int, int] | None) -> np.ndarray:
+def read_images(
+    paths: list[Path], mode: str | None = None, size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Read image files into uint8 ``[N, C, H, W]``; ``mode`` is a PIL mode (``"RGB"``,
+    ``"L"``), ``size=(W, H)`` resizes."""
     try:
         from PIL import Image
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -352,7 +356,7 @@ def load_image_folder(
         indices = [e[0] for e in entries]
         if len(set(indices)) != len(indices):
             raise ValueError(f"{d}: two images share an index (prefix={prefix!r})")
-        x = _read_images([e[2] for e in entries], mode, size)
+        x = read_images([e[2] for e in entries], mode, size)
         y = np.array([e[1] for e in entries], dtype=np.int64)
         return _limit(_to_nchw(x, "NCHW", str(d)), y, limit)
 
@@ -371,7 +375,7 @@ def load_image_folder(
                     labels.append(class_of[s.name])
         if not paths:
             raise ValueError(f"{d}: class subfolders {names[:5]} hold no images")
-        x = _read_images(paths, mode, size)
+        x = read_images(paths, mode, size)
         return _limit(_to_nchw(x, "NCHW", str(d)), np.array(labels, dtype=np.int64), limit)
 
     raise ValueError(f"{d}: no images ({', '.join(IMAGE_SUFFIXES)}) and no class subfolders")

@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from haste_onnx import datasets
 from haste_onnx.errors import InputError
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
 @dataclass(frozen=True)
@@ -66,26 +65,15 @@ def random_feeds(
 
 
 def _load_images(folder: Path, shape: tuple[int, ...]) -> np.ndarray:
-    from PIL import Image  # optional: only image folders need it
-
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in datasets.IMAGE_SUFFIXES)
     if not files:
-        raise InputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
-    if len(shape) != 4:
+        raise InputError(f"no images ({', '.join(sorted(datasets.IMAGE_SUFFIXES))}) in {folder}")
+    if len(shape) != 4 or shape[1] not in (1, 3):
         raise InputError(
-            f"an image folder needs a 4-D [N, C, H, W] input, the model has {list(shape)}"
+            f"an image folder feeds a [N, 1 or 3, H, W] input, the model has {list(shape)}"
         )
-    _, channels, height, width = shape
-    mode = {1: "L", 3: "RGB"}.get(channels)
-    if mode is None:
-        raise InputError(f"an image folder needs 1 or 3 input channels, the model has {channels}")
-    images = []
-    for path in files:
-        with Image.open(path) as img:
-            img = img.convert(mode).resize((width, height))
-            array = np.asarray(img, dtype=np.float32) / 255.0
-        images.append(array[None] if channels == 1 else array.transpose(2, 0, 1))
-    return np.stack(images)
+    mode = "L" if shape[1] == 1 else "RGB"
+    return datasets.read_images(files, mode, (shape[3], shape[2])).astype(np.float32) / 255.0
 
 
 def user_feeds(

@@ -183,3 +183,18 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, case):
     assert len(errors) == 1 or "Usage" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written or left
     assert (tmp_path / "ok.onnx").read_bytes() == EXAMPLE.read_bytes()
+
+
+def test_image_folder_inputs_are_resized_and_scaled(example, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+    code, out, err = run("convert", example, "--inputs", folder, "--json", "-", "-q")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["inputs"] == f"user inputs from {folder}: input [3, 3, 32, 32]"
