@@ -106,7 +106,7 @@ def convert(
     say("rewriting")
     converted, decisions, plans = rewrite(original, options)
     _require_convs(decisions, source)
-    onnx.checker.check_model(converted if not ir.too_large(converted) else str(source))
+    onnx.checker.check_model(ir.session_source(converted))
     feeds = make_feeds(original, verify_options)
     verification = verify(
         original, converted, plans, feeds.arrays, feeds.description, tolerances or Tolerances(), say

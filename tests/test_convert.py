@@ -230,3 +230,17 @@ def test_onnx_light_model_zoo_topologies(tmp_path, name):
     assert len(result.layers) >= (40 if "resnet" in name else 14)
     assert all(layer.kernel_mismatch <= 1e-3 for layer in result.verification.layers)
     assert haste_onnx.__version__
+
+
+def test_models_past_the_protobuf_limit_go_through_files(tmp_path, monkeypatch):
+    """The 2 GB path, exercised by lowering the limit: sessions load from a file with external
+    data and the output is saved with external data, even for an input without it."""
+    from haste_onnx import ir
+
+    monkeypatch.setattr(ir, "PROTOBUF_LIMIT", 100_000)  # the example is ~550 kB
+    result = convert(EXAMPLE, tmp_path / "big.onnx")
+    assert result.passed
+    assert result.written == [tmp_path / "big.onnx", tmp_path / "big.onnx.data"]
+    assert (tmp_path / "big.onnx").stat().st_size < 100_000
+    x = np.ones((1, 3, 32, 32), np.float32)
+    assert make_session(str(tmp_path / "big.onnx")).run(None, {"input": x})[0].shape == (1, 10)
