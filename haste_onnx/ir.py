@@ -100,7 +100,9 @@ def session_source(model: onnx.ModelProto) -> bytes | str:
     directory = tempfile.mkdtemp(prefix="haste-onnx-session-")
     _SESSION_DIRS.append(directory)
     path = Path(directory) / "model.onnx"
-    onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
+    onnx.save_model(  # saving to external data empties the tensors: work on a copy
+        copy.deepcopy(model), path, save_as_external_data=True, location="model.onnx.data"
+    )
     return str(path)
 
 
