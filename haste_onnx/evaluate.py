@@ -132,7 +132,7 @@ def measure(
         probe.graph.output.append(
             onnx.helper.make_tensor_value_info(plan.input, onnx.TensorProto.FLOAT, None)
         )
-    session = runtime.make_session(ir.session_source(probe), intra_op_num_threads=threads)
+    session = runtime.quiet_session(probe, threads=threads)
     weights = {t.name: t for t in converted.graph.initializer}
     planes = {}
     for node in converted.graph.node:
@@ -263,7 +263,7 @@ def ablation(
     """Accuracy of LSH and of random grouping at the same bucket sizes, on ``images``."""
     name = _single_input(original)
     converted, _, _ = rewrite(original, options)
-    session = runtime.make_session(ir.session_source(converted), intra_op_num_threads=threads)
+    session = runtime.quiet_session(converted, threads=threads)
     lsh = _run(session, name, images, batch)
     evaluator = ReferenceEvaluator(converted, new_ops=[_random_grouping_op(options.seed)])
     random = [evaluator.run(None, {name: images[sl]}) for sl in _batches(len(images), batch)]
@@ -296,12 +296,7 @@ def evaluate(
     options = options or HasteOptions()
     name = _single_input(model)
     say("baseline")
-    session_options = ort.SessionOptions()
-    if threads is not None:
-        session_options.intra_op_num_threads = threads
-    session = ort.InferenceSession(
-        ir.session_source(model), session_options, providers=["CPUExecutionProvider"]
-    )
+    session = runtime.quiet_session(model, custom_ops=False, threads=threads)
     logits = np.concatenate([r[0] for r in _run(session, name, images, 250)])
     baseline = _accuracy(logits, labels)
     rows, ablations = [], []

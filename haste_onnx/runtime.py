@@ -16,6 +16,8 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
+from haste_onnx import ir
+
 LIBRARY_NAME = "libhaste_onnx_ops.so"
 
 # Options the library is registered on: onnxruntime refuses a second registration of the same
@@ -59,3 +61,19 @@ def make_session(
     elif not isinstance(model, bytes):
         model = os.fspath(model)
     return ort.InferenceSession(model, sess_options=options, providers=list(providers))
+
+
+def quiet_session(
+    model: onnx.ModelProto, *, custom_ops: bool = True, threads: int | None = None
+) -> ort.InferenceSession:
+    """A session for the library's own runs (verification, evaluation): onnxruntime's
+    warnings are silenced, since the library prints nothing; models past the protobuf limit
+    load from a temporary file."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    source = ir.session_source(model)
+    if custom_ops:
+        return make_session(source, sess_options=options)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
