@@ -24,7 +24,7 @@ from onnx.reference.op_run import OpRun
 from haste_onnx import ir, opdef, report, runtime
 from haste_onnx.hashing import bucket_labels, center, hash_codes
 from haste_onnx.passes.rewrite import HasteOptions, LayerPlan, decide, rewrite
-from haste_onnx.reference import extract_patches, geometry, hash_stats
+from haste_onnx.reference.haste_conv import assemble, extract_patches, geometry, hash_stats
 from haste_onnx.verify import LayerRun
 
 Progress = Callable[[str], None]
@@ -203,7 +203,7 @@ def random_grouping_conv(
     every channel replaced by its bucket's mean.
     """
     geo = geometry(x.shape, w.shape, pads, tile)
-    n, c = x.shape[:2]
+    c = x.shape[1]
     m, k, t, p = w.shape[0], geo.kernel, geo.tile, geo.patch
     patches = extract_patches(x, geo, pads).reshape(-1, c, p * p).astype(np.float64)
     labels, num_buckets = bucket_labels(hash_codes(center(patches), planes))
@@ -216,13 +216,7 @@ def random_grouping_conv(
     cols = sliding_window_view(replaced, (k, k), axis=(2, 3)).reshape(-1, c, t * t, k * k)
     cols = cols.transpose(0, 1, 3, 2).reshape(-1, c * k * k, t * t)
     out = w.reshape(m, c * k * k).astype(np.float64) @ cols  # [NP, M, T*T]
-    if bias is not None:
-        out += bias[None, :, None]
-    if relu:
-        np.maximum(out, 0.0, out=out)
-    ty, tx = geo.tiles_y, geo.tiles_x
-    y = out.reshape(n, ty, tx, m, t, t).transpose(0, 3, 1, 4, 2, 5).reshape(n, m, ty * t, tx * t)
-    return np.ascontiguousarray(y[:, :, : geo.out_h, : geo.out_w], dtype=np.float32)
+    return assemble(out, bias, relu, geo)
 
 
 def _random_grouping_op(seed: int) -> type[OpRun]:

@@ -43,3 +43,27 @@ def test_lsh_beats_random_grouping_at_the_same_ratio(fashion):
     assert result.lsh_accuracy > 0.8
     assert result.lsh_accuracy - result.random_accuracy > 0.4
     assert np.isfinite(result.random_accuracy)
+
+
+def test_random_grouping_keeps_bucket_sizes():
+    """With all-distinct buckets or a single bucket, random membership changes nothing, so the
+    ablation's operator must then equal HasteConv itself."""
+    from haste_onnx.evaluate import random_grouping_conv
+    from haste_onnx.hashing import make_planes
+    from haste_onnx.reference import haste_conv
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 12, 9, 8)).astype(np.float32)
+    w = rng.standard_normal((5, 12, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(5).astype(np.float32)
+    for num_planes in (0, 63):
+        planes = make_planes(num_planes, 25, rng=1)
+        expect = haste_conv(x, w, planes, b, pads=(1, 1, 1, 1), relu=True)
+        got = random_grouping_conv(x, w, planes, b, (1, 1, 1, 1), 3, True, rng)
+        np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
+    few = make_planes(2, 25, rng=1)  # real merges: random members must differ from LSH's
+    assert not np.allclose(
+        random_grouping_conv(x, w, few, b, (1, 1, 1, 1), 3, True, rng),
+        haste_conv(x, w, few, b, pads=(1, 1, 1, 1), relu=True),
+        atol=1e-3,
+    )

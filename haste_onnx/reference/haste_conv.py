@@ -218,7 +218,6 @@ def _convolve(
     """Steps 6-7 for every patch, then bias and activation; the tiles assembled into Y."""
     c = patches.shape[1]
     m = w.shape[0]
-    n = patches.shape[0] // (geo.tiles_y * geo.tiles_x)
     w_flat = w.astype(np.float64).reshape(m, c, -1).transpose(1, 0, 2).reshape(c, -1)
     t2 = geo.tile * geo.tile
     out = np.empty((patches.shape[0], m, t2), dtype=np.float64)
@@ -227,11 +226,17 @@ def _convolve(
     for start in range(0, patches.shape[0], step):
         sl = slice(start, start + step)
         out[sl] = _reduced_conv(patches[sl].astype(np.float64), labels[sl], w_flat, geo)
+    return assemble(out, bias, relu, geo)
 
+
+def assemble(out: np.ndarray, bias: np.ndarray | None, relu: bool, geo: Geometry) -> np.ndarray:
+    """Bias and activation on per-tile outputs ``[N*ty*tx, M, T*T]``, then the tiles put
+    together into ``Y [N, M, Ho, Wo]`` (float32; partial tiles cropped)."""
     if bias is not None:
-        out += bias.astype(np.float64)[None, :, None]
+        out = out + bias.astype(np.float64)[None, :, None]
     if relu:
-        np.maximum(out, 0.0, out=out)
+        out = np.maximum(out, 0.0)
     ty, tx, t = geo.tiles_y, geo.tiles_x, geo.tile
+    n, m = out.shape[0] // (ty * tx), out.shape[1]
     y = out.reshape(n, ty, tx, m, t, t).transpose(0, 3, 1, 4, 2, 5).reshape(n, m, ty * t, tx * t)
     return np.ascontiguousarray(y[:, :, : geo.out_h, : geo.out_w], dtype=np.float32)
