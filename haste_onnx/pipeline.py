@@ -134,10 +134,7 @@ def inspect(
         raise InputError(f"{source} has no Conv node")
     feeds = make_feeds(model, verify_options or VerifyOptions())
     shapes = {k: tuple(v.shape) for k, v in feeds.arrays.items()}
-    skipped_all = [
-        dataclasses.replace(d, converted=False, reason=d.reason or "eligible") for d in decisions
-    ]
-    flops_report = report.build(model, skipped_all, [], [], shapes, feeds.description)
+    flops_report = report.build(model, decisions, [], [], shapes, feeds.description)
     return Inspection(decisions, flops_report)
 
 

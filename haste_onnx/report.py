@@ -149,7 +149,9 @@ def build(
             name = decisions[conv_index].name
             conv_index += 1
             if name not in converted:
-                skipped.append(SkippedConv(name, reasons[name], per_image))
+                skipped.append(
+                    SkippedConv(name, reasons[name] or "eligible, not converted", per_image)
+                )
         elif per_image is not None:
             other += per_image
     return FlopsReport(inputs, layers, skipped, other, uncounted)
