@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <limits>
 #include <new>
 #include <numeric>
 #include <sstream>
@@ -151,195 +152,315 @@ void HashPatch(const float* patch, int64_t channels, int64_t dim, const SparsePl
   }
 }
 
-// Output channels are processed in blocks of kBlock.
-constexpr int64_t kBlock = 16;
+// Accumulators of the convolution kernel: at most kMaxPixels output pixels of one tile, each one
+// vector register of output channels, plus registers for the filter and the input (16 on x86-64).
+constexpr int64_t kMaxPixels = 12;
+
+// How a tile's T*T output pixels split into groups of `pixels` (padded) for the kernel.
+struct PixelGroups {
+  int64_t groups, pixels;
+};
+
+PixelGroups SplitPixels(int64_t tile) {
+  const int64_t total = tile * tile, groups = (total + kMaxPixels - 1) / kMaxPixels;
+  return {groups, (total + groups - 1) / groups};
+}
 
 // One run's inputs and output, shared read-only by the work items (except `failed`).
+struct Job;
+struct RowBuckets;
+using ConvRowFn = void (*)(const Job& job, int64_t n, int64_t ty, const RowBuckets& row);
+
 struct Job {
   Geometry g;
-  int64_t m_padded;      // M rounded up to a multiple of kBlock
+  PixelGroups split;
+  bool compact;          // T = 3 and K = 3: RowBuckets::inputs holds P x P inputs (see ConvGroup)
   const float* x;        // [N, C, H, W]
-  const float* filters;  // W as [C, K*K, m_padded], zero-padded: contiguous over output channels
-  const float* bias;     // [M] or null
+  const float* filters;  // packed W (PackedFilters::data)
+  int64_t lanes;
+  const float* bias;  // [M] or null
   const SparsePlanes* planes;
   bool relu;
+  ConvRowFn conv_row;
   float* y;  // [N, M, Ho, Wo]
   std::atomic<bool> failed{false};
 };
 
-// One bucket of a tile: its (merged) P x P input and its (summed) filters [K*K, m_padded].
-struct Bucket {
-  const float* in;
-  const float* filters;
+// The buckets of every tile of one row of tiles, and their inputs laid out for the kernel.
+struct RowBuckets {
+  std::vector<int32_t> order;   // [tiles_x, C]: channels, bucket after bucket
+  std::vector<int32_t> starts;  // [tiles_x, C + 1]: bucket b of tile tx is order[starts[b] ..]
+  std::vector<int64_t> count;   // [tiles_x]: number of buckets
+  std::vector<int64_t> input;   // [tiles_x]: where the tile's inputs start in `inputs`
+  // Per tile [groups, buckets, K*K, pixels]: the (merged) input each kernel tap reads for each
+  // output pixel of the group, 0 for the padding pixels of the last group; with Job::compact
+  // [buckets, P*P], each bucket's (merged) patch.
+  std::vector<float> inputs;
 };
 
-// Where the kernel taps and the output pixels of a tile read a P x P input.
-struct TileOffsets {
-  std::vector<int64_t> taps;    // [K*K]: kh * P + kw
-  std::vector<int64_t> pixels;  // [T*T]: oy * P + ox
-};
+// How many buckets ahead ConvGroup prefetches filters.
+constexpr int64_t kPrefetch = 2;
 
-// Output channels m0 .. m0 + kBlock of kPixels output pixels (inputs at base[0 .. kPixels)),
-// summed over all buckets and taps in registers of kLanes floats; written to out, one row of
-// m_padded floats per pixel.
-template <int kLanes, int kPixels>
-__attribute__((always_inline)) inline void ConvBlock(const std::vector<Bucket>& buckets,
-                                                     const std::vector<int64_t>& taps,
-                                                     const int64_t* base, int64_t m0,
-                                                     int64_t m_padded, float* out) {
+// out [pixels, kLanes] = the reduced convolution of one tile's pixel group for the output
+// channels of one filter block [C, K*K, kLanes]: summed over buckets and taps in registers. A
+// bucket of several channels first sums their filters (into wsum [K*K, kLanes]); the merged
+// filters are never stored for the tile.
+// With kTile > 0 (a 3x3 kernel and T = kTile, a single group), `in` holds each bucket's P x P
+// input as it is, [buckets, P*P], and every offset is a constant of the unrolled loops.
+template <int kLanes, int kPixels, int kTile>
+__attribute__((always_inline)) inline void ConvGroup(const float* in, const int32_t* order,
+                                                     const int32_t* starts, int64_t buckets,
+                                                     const float* filters, int64_t taps,
+                                                     float* wsum, float* out) {
   // Unaligned and allowed to alias float, like the compilers' own __m128_u and __m256_u.
   typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), may_alias, aligned(4)));
-  constexpr int kVectors = kBlock / kLanes;
-  Vec acc[kPixels][kVectors] = {};
-  for (const Bucket& bucket : buckets) {
-    const float* f = bucket.filters + m0;
-    for (const int64_t tap : taps) {
-      Vec w[kVectors];
-      for (int i = 0; i < kVectors; ++i) w[i] = reinterpret_cast<const Vec*>(f)[i];
-      for (int p = 0; p < kPixels; ++p) {
-        const float v = bucket.in[base[p] + tap];
-        for (int i = 0; i < kVectors; ++i) acc[p][i] += v * w[i];
+  const int64_t stride = taps * kLanes;
+  Vec acc[kPixels] = {};
+  for (int64_t b = 0; b < buckets; ++b) {
+    if (b + kPrefetch < buckets) {  // the buckets' filters are scattered over the block
+      for (int32_t i = starts[b + kPrefetch]; i < starts[b + kPrefetch + 1]; ++i) {
+        const float* next = filters + order[i] * stride;
+        for (int64_t j = 0; j < stride; j += 64 / sizeof(float)) __builtin_prefetch(next + j);
       }
-      f += m_padded;
+      if constexpr (kTile == 0) {
+        const float* next_in = in + (b + kPrefetch) * taps * kPixels;
+        for (int64_t i = 0; i < taps * kPixels; i += 64 / sizeof(float))
+          __builtin_prefetch(next_in + i);
+      }
+    }
+    const int32_t* channel = order + starts[b];
+    const int64_t size = starts[b + 1] - starts[b];
+    // A bucket of two or three channels sums its filters tap by tap in registers, a larger one
+    // into wsum first.
+    const float* w = filters + channel[0] * stride;
+    const float* w1 = size > 1 ? filters + channel[1] * stride : w;
+    const float* w2 = size > 2 ? filters + channel[2] * stride : w;
+    if (size > 3) {  // channel after channel: the taps' sums are independent of each other
+      Vec* sum = reinterpret_cast<Vec*>(wsum);
+      for (int64_t t = 0; t < taps; ++t) sum[t] = reinterpret_cast<const Vec*>(w)[t];
+      for (int64_t i = 1; i < size; ++i) {
+        const Vec* more = reinterpret_cast<const Vec*>(filters + channel[i] * stride);
+        for (int64_t t = 0; t < taps; ++t) sum[t] += more[t];
+      }
+      w = wsum;
+    }
+    const int64_t in_registers = size > 3 ? 1 : size;
+    if constexpr (kTile > 0) {
+      constexpr int kPatch = kTile + 2;
+      const float* v = in + b * kPatch * kPatch;
+      for (int t = 0; t < 9; ++t) {
+        Vec wt = reinterpret_cast<const Vec*>(w)[t];
+        if (in_registers > 1) wt += reinterpret_cast<const Vec*>(w1)[t];
+        if (in_registers > 2) wt += reinterpret_cast<const Vec*>(w2)[t];
+        const float* vt = v + (t / 3) * kPatch + t % 3;
+        for (int p = 0; p < kPixels; ++p) acc[p] += vt[(p / kTile) * kPatch + p % kTile] * wt;
+      }
+    } else {
+      const float* v = in + b * taps * kPixels;
+      for (int64_t t = 0; t < taps; ++t) {
+        Vec wt = reinterpret_cast<const Vec*>(w)[t];
+        if (in_registers > 1) wt += reinterpret_cast<const Vec*>(w1)[t];
+        if (in_registers > 2) wt += reinterpret_cast<const Vec*>(w2)[t];
+        for (int p = 0; p < kPixels; ++p) acc[p] += v[t * kPixels + p] * wt;
+      }
     }
   }
-  for (int p = 0; p < kPixels; ++p) {
-    for (int i = 0; i < kVectors; ++i)
-      reinterpret_cast<Vec*>(out + p * m_padded + m0)[i] = acc[p][i];
-  }
+  for (int p = 0; p < kPixels; ++p) reinterpret_cast<Vec*>(out)[p] = acc[p];
 }
 
-// ConvBlock for the `count` <= kPixels pixels at base.
-template <int kLanes, int kPixels>
-__attribute__((always_inline)) inline void ConvPixels(const std::vector<Bucket>& buckets,
-                                                      const std::vector<int64_t>& taps,
-                                                      const int64_t* base, int64_t count,
-                                                      int64_t m0, int64_t m_padded, float* out) {
-  if constexpr (kPixels > 1) {
-    if (count < kPixels) {
-      return ConvPixels<kLanes, kPixels - 1>(buckets, taps, base, count, m0, m_padded, out);
-    }
-  }
-  ConvBlock<kLanes, kPixels>(buckets, taps, base, m0, m_padded, out);
-}
-
-// out [T*T, m_padded] = the tile's reduced convolution: the valid convolution of each bucket's
-// input with its filters, summed over buckets. Pixels go in groups whose accumulators fill the
-// vector registers (16 on x86-64).
-template <int kLanes>
-__attribute__((always_inline)) inline void ConvTileWith(const std::vector<Bucket>& buckets,
-                                                        const TileOffsets& offsets,
-                                                        int64_t m_padded, float* out) {
-  constexpr int kGroup = kLanes == 8 ? 5 : 2;
-  const int64_t pixels = static_cast<int64_t>(offsets.pixels.size());
-  for (int64_t m0 = 0; m0 < m_padded; m0 += kBlock) {
-    for (int64_t p = 0; p < pixels; p += kGroup) {
-      ConvPixels<kLanes, kGroup>(buckets, offsets.taps, &offsets.pixels[p],
-                                 std::min<int64_t>(kGroup, pixels - p), m0, m_padded,
-                                 out + p * m_padded);
-    }
-  }
-}
-
-#if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
-__attribute__((target("avx2,fma"))) void ConvTileAvx2(const std::vector<Bucket>& buckets,
-                                                      const TileOffsets& offsets, int64_t m_padded,
-                                                      float* out) {
-  ConvTileWith<8>(buckets, offsets, m_padded, out);
-}
-#endif
-
-// The portable kernel (four lanes), or on x86-64 CPUs with AVX2 and FMA the same with eight.
-void ConvTile(const std::vector<Bucket>& buckets, const TileOffsets& offsets, int64_t m_padded,
-              float* out) {
-#if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx2) return ConvTileAvx2(buckets, offsets, m_padded, out);
-#endif
-  ConvTileWith<4>(buckets, offsets, m_padded, out);
-}
-
-// Computes one row of output tiles of one image. Work items write disjoint parts of Y.
-void RunTileRow(const Job& job, int64_t index) {
+// Convolves one row of tiles whose buckets are in `row`, filter block after filter block (so that
+// a block stays in cache for the whole row), and writes Y with bias and Relu.
+template <int kLanes, int kPixels, int kTile>
+__attribute__((always_inline)) inline void ConvRowWith(const Job& job, int64_t n, int64_t ty,
+                                                       const RowBuckets& row) {
   const Geometry& g = job.g;
-  const int64_t n = index / g.tiles_y, ty = index % g.tiles_y;
-  const int64_t p2 = g.patch * g.patch, filter_size = g.k * g.k * job.m_padded;
-  std::vector<float> patch(g.c * p2), out(g.tile * g.tile * job.m_padded);
-  std::vector<float> merged_in, merged_w;  // grown on demand: one slot per merging bucket
-  std::vector<double> mean(p2), centered(p2 * HashWidth(g.c));
-  std::vector<uint64_t> codes(g.c);
-  std::vector<int64_t> order(g.c), starts;
-  std::vector<Bucket> buckets;
-  TileOffsets offsets;
-  for (int64_t kh = 0; kh < g.k; ++kh) {
-    for (int64_t kw = 0; kw < g.k; ++kw) offsets.taps.push_back(kh * g.patch + kw);
-  }
-  for (int64_t oy = 0; oy < g.tile; ++oy) {
-    for (int64_t ox = 0; ox < g.tile; ++ox) offsets.pixels.push_back(oy * g.patch + ox);
-  }
-  const float* image = job.x + n * g.c * g.h * g.w;
-
-  for (int64_t tx = 0; tx < g.tiles_x; ++tx) {
-    GatherPatch(g, image, ty, tx, patch.data());
-    HashPatch(patch.data(), g.c, p2, *job.planes, mean.data(), centered.data(), codes.data());
-    std::iota(order.begin(), order.end(), 0);
-    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-      return codes[a] != codes[b] ? codes[a] < codes[b] : a < b;
-    });
-
-    // Buckets are runs of equal codes in `order`. A bucket of one channel is used in place; a
-    // larger one gets the mean of its patches and the sum of its filter channels.
-    starts.clear();
-    int64_t merging = 0;
-    for (int64_t i = 0; i < g.c; ++i) {
-      if (i == 0 || codes[order[i]] != codes[order[i - 1]]) starts.push_back(i);
-    }
-    starts.push_back(g.c);
-    for (size_t b = 0; b + 1 < starts.size(); ++b) merging += starts[b + 1] - starts[b] > 1;
-    if (merged_in.size() < static_cast<size_t>(merging * p2)) {
-      merged_in.resize(merging * p2);
-      merged_w.resize(merging * filter_size);
-    }
-    buckets.clear();
-    float* slot_in = merged_in.data();
-    float* slot_w = merged_w.data();
-    for (size_t b = 0; b + 1 < starts.size(); ++b) {
-      const int64_t first = order[starts[b]], size = starts[b + 1] - starts[b];
-      const float* in = patch.data() + first * p2;
-      const float* filters = job.filters + first * filter_size;
-      if (size == 1) {
-        buckets.push_back({in, filters});
-        continue;
-      }
-      std::copy(in, in + p2, slot_in);
-      std::copy(filters, filters + filter_size, slot_w);
-      for (int64_t i = starts[b] + 1; i < starts[b + 1]; ++i) {
-        const float* more_in = patch.data() + order[i] * p2;
-        const float* more_w = job.filters + order[i] * filter_size;
-        for (int64_t j = 0; j < p2; ++j) slot_in[j] += more_in[j];
-        for (int64_t j = 0; j < filter_size; ++j) slot_w[j] += more_w[j];
-      }
-      const float scale = 1.0f / static_cast<float>(size);
-      for (int64_t j = 0; j < p2; ++j) slot_in[j] *= scale;
-      buckets.push_back({slot_in, slot_w});
-      slot_in += p2;
-      slot_w += filter_size;
-    }
-    ConvTile(buckets, offsets, job.m_padded, out.data());
-
-    const int64_t y0 = ty * g.tile, x0 = tx * g.tile;
-    const int64_t rows = std::min(g.tile, g.out_h - y0), cols = std::min(g.tile, g.out_w - x0);
-    for (int64_t m = 0; m < g.m; ++m) {
-      const float b = job.bias ? job.bias[m] : 0.0f;
-      float* dst = job.y + ((n * g.m + m) * g.out_h + y0) * g.out_w + x0;
-      for (int64_t oy = 0; oy < rows; ++oy) {
-        for (int64_t ox = 0; ox < cols; ++ox) {
-          const float v = out[(oy * g.tile + ox) * job.m_padded + m] + b;
-          dst[oy * g.out_w + ox] = job.relu ? std::max(v, 0.0f) : v;
+  const int64_t taps = g.k * g.k, groups = job.split.groups, tile = g.tile;
+  const int64_t y0 = ty * tile, rows = std::min(tile, g.out_h - y0);
+  float wsum[kLanes * 128], out[kPixels * kLanes];
+  std::vector<float> big_wsum(taps > 128 ? taps * kLanes : 0);
+  float* sum = taps > 128 ? big_wsum.data() : wsum;
+  for (int64_t m0 = 0; m0 < g.m; m0 += kLanes) {
+    const float* filters = job.filters + m0 * g.c * taps;
+    const int64_t lanes = std::min<int64_t>(kLanes, g.m - m0);
+    float bias[kLanes] = {};
+    if (job.bias) std::copy(job.bias + m0, job.bias + m0 + lanes, bias);
+    for (int64_t tx = 0; tx < g.tiles_x; ++tx) {
+      const int64_t x0 = tx * tile, cols = std::min(tile, g.out_w - x0);
+      const int64_t buckets = row.count[tx];
+      const int32_t* order = row.order.data() + tx * g.c;
+      const int32_t* starts = row.starts.data() + tx * (g.c + 1);
+      for (int64_t group = 0; group < groups; ++group) {
+        const float* in = row.inputs.data() + row.input[tx] + group * buckets * taps * kPixels;
+        ConvGroup<kLanes, kPixels, kTile>(in, order, starts, buckets, filters, taps, sum, out);
+        for (int64_t p = 0; p < kPixels; ++p) {
+          const int64_t pixel = group * kPixels + p, oy = pixel / tile, ox = pixel % tile;
+          if (oy >= rows || ox >= cols) continue;  // padding, or outside Y at the edges
+          float* dst = job.y + ((n * g.m + m0) * g.out_h + y0 + oy) * g.out_w + x0 + ox;
+          for (int64_t l = 0; l < lanes; ++l) {
+            const float v = out[p * kLanes + l] + bias[l];
+            dst[l * g.out_h * g.out_w] = job.relu ? std::max(v, 0.0f) : v;
+          }
         }
       }
     }
   }
+}
+
+// ConvRowWith for the pixel group size of the run.
+template <int kLanes, int kPixels = kMaxPixels>
+__attribute__((always_inline)) inline void ConvRowAny(const Job& job, int64_t n, int64_t ty,
+                                                      const RowBuckets& row) {
+  if constexpr (kPixels == kMaxPixels) {
+    if (job.compact) return ConvRowWith<kLanes, 9, 3>(job, n, ty, row);
+  }
+  if constexpr (kPixels > 1) {
+    if (job.split.pixels < kPixels) return ConvRowAny<kLanes, kPixels - 1>(job, n, ty, row);
+  }
+  ConvRowWith<kLanes, kPixels, 0>(job, n, ty, row);
+}
+
+#if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
+__attribute__((target("avx2,fma"))) void ConvRowAvx2(const Job& job, int64_t n, int64_t ty,
+                                                     const RowBuckets& row) {
+  ConvRowAny<8>(job, n, ty, row);
+}
+#endif
+
+void ConvRowPortable(const Job& job, int64_t n, int64_t ty, const RowBuckets& row) {
+  ConvRowAny<4>(job, n, ty, row);
+}
+
+bool HasAvx2() {
+#if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return avx2;
+#else
+  return false;
+#endif
+}
+
+// The kernel for filters packed `lanes` wide: eight lanes on x86-64 CPUs with AVX2 and FMA, else
+// the portable four.
+ConvRowFn ConvRowFor(int64_t lanes) {
+#if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
+  if (lanes == 8) return ConvRowAvx2;
+#endif
+  return lanes == 4 ? ConvRowPortable : nullptr;
+}
+
+// Scratch of one thread, reused by its work items so that they do not allocate.
+struct RowScratch {
+  std::vector<float> patch, merged;
+  std::vector<double> mean, centered;
+  std::vector<uint64_t> codes;
+  std::vector<std::pair<uint64_t, int32_t>> keys;  // (code, channel), sorted
+  std::vector<int32_t> leader, size;  // per channel first in its bucket: where its run starts
+  std::vector<int64_t> gather;        // [groups, K*K, pixels]: patch offset, or -1 for padding
+  RowBuckets row;
+};
+
+// Hashes and buckets one row of output tiles of one image, then convolves it. Work items write
+// disjoint parts of Y.
+void RunTileRow(const Job& job, int64_t index) {
+  const Geometry& g = job.g;
+  const int64_t n = index / g.tiles_y, ty = index % g.tiles_y;
+  const int64_t p2 = g.patch * g.patch, taps = g.k * g.k;
+  const int64_t groups = job.split.groups, pixels = job.split.pixels;
+  const int64_t per_bucket = job.compact ? p2 : groups * taps * pixels;
+  thread_local RowScratch s;
+  s.patch.resize(g.c * p2);
+  s.merged.resize(p2);
+  s.mean.resize(p2);
+  s.centered.resize(p2 * HashWidth(g.c));
+  s.codes.resize(g.c);
+  s.keys.resize(g.c);
+  s.leader.resize(g.c);
+  s.size.resize(g.c);
+  s.gather.resize(groups * taps * pixels);
+  RowBuckets& row = s.row;
+  row.order.resize(g.tiles_x * g.c);
+  row.starts.resize(g.tiles_x * (g.c + 1));
+  row.count.resize(g.tiles_x);
+  row.input.resize(g.tiles_x);
+  for (int64_t group = 0; group < groups; ++group) {
+    for (int64_t t = 0; t < taps; ++t) {
+      for (int64_t p = 0; p < pixels; ++p) {
+        const int64_t pixel = group * pixels + p;
+        s.gather[(group * taps + t) * pixels + p] =
+            pixel < g.tile * g.tile
+                ? (pixel / g.tile + t / g.k) * g.patch + pixel % g.tile + t % g.k
+                : -1;
+      }
+    }
+  }
+  const float* image = job.x + n * g.c * g.h * g.w;
+
+  int64_t used = 0;  // floats of row.inputs filled
+  for (int64_t tx = 0; tx < g.tiles_x; ++tx) {
+    GatherPatch(g, image, ty, tx, s.patch.data());
+    HashPatch(s.patch.data(), g.c, p2, *job.planes, s.mean.data(), s.centered.data(),
+              s.codes.data());
+    for (int64_t c = 0; c < g.c; ++c) s.keys[c] = {s.codes[c], static_cast<int32_t>(c)};
+    std::sort(s.keys.begin(), s.keys.end());
+
+    // Buckets are runs of equal codes. A bucket of one channel reads its patch; a larger one
+    // the mean of its patches.
+    int32_t* order = row.order.data() + tx * g.c;
+    int32_t* starts = row.starts.data() + tx * (g.c + 1);
+    // Buckets of one size go in the order of their first channel, so that the kernel walks the
+    // filters forwards; channels stay in ascending order in each bucket.
+    std::fill(s.leader.begin(), s.leader.end(), -1);
+    for (int64_t i = 0, first = 0; i < g.c; ++i) {
+      if (i == 0 || s.keys[i].first != s.keys[i - 1].first) first = i;
+      if (i + 1 == g.c || s.keys[i + 1].first != s.keys[i].first) {
+        s.leader[s.keys[first].second] = static_cast<int32_t>(first);
+        s.size[s.keys[first].second] = static_cast<int32_t>(i + 1 - first);
+      }
+    }
+    // Single channels come first, then pairs, then larger buckets: the kernel branches on the
+    // size, and runs of equal sizes keep that branch predictable.
+    int64_t buckets = 0, filled = 0;
+    for (int32_t lo : {1, 2, 3}) {
+      const int32_t hi = lo < 3 ? lo : std::numeric_limits<int32_t>::max();
+      for (int64_t c = 0; c < g.c; ++c) {
+        if (s.leader[c] < 0 || s.size[c] < lo || s.size[c] > hi) continue;
+        starts[buckets++] = static_cast<int32_t>(filled);
+        for (int64_t i = s.leader[c]; i < s.leader[c] + s.size[c]; ++i) {
+          order[filled++] = s.keys[i].second;
+        }
+      }
+    }
+    starts[buckets] = static_cast<int32_t>(g.c);
+    row.count[tx] = buckets;
+    row.input[tx] = used;
+    used += buckets * per_bucket;
+    if (row.inputs.size() < static_cast<size_t>(used)) row.inputs.resize(used);
+    for (int64_t b = 0; b < buckets; ++b) {
+      const float* in = s.patch.data() + order[starts[b]] * p2;
+      const int64_t size = starts[b + 1] - starts[b];
+      if (size > 1) {
+        float* merged = s.merged.data();
+        std::copy(in, in + p2, merged);
+        for (int64_t i = starts[b] + 1; i < starts[b + 1]; ++i) {
+          const float* more = s.patch.data() + order[i] * p2;
+          for (int64_t j = 0; j < p2; ++j) merged[j] += more[j];
+        }
+        const float scale = 1.0f / static_cast<float>(size);
+        for (int64_t j = 0; j < p2; ++j) merged[j] *= scale;
+        in = merged;
+      }
+      if (job.compact) {
+        std::copy(in, in + p2, row.inputs.data() + row.input[tx] + b * p2);
+        continue;
+      }
+      for (int64_t group = 0; group < groups; ++group) {
+        float* dst = row.inputs.data() + row.input[tx] + (group * buckets + b) * taps * pixels;
+        const int64_t* gather = s.gather.data() + group * taps * pixels;
+        for (int64_t j = 0; j < taps * pixels; ++j) dst[j] = gather[j] >= 0 ? in[gather[j]] : 0.0f;
+      }
+    }
+  }
+  job.conv_row(job, n, ty, row);
 }
 
 const char* TypeName(ONNXTensorElementDataType type) {
@@ -432,10 +553,38 @@ OrtStatusPtr ToStatus(const OrtApi& api) {
 
 }  // namespace
 
+int64_t FilterLanes() { return HasAvx2() ? 8 : 4; }
+
+PackedFilters PackFilters(const float* w, const std::vector<int64_t>& w_shape, int64_t lanes) {
+  const int64_t m = w_shape[0], c = w_shape[1], taps = w_shape[2] * w_shape[3];
+  const int64_t blocks = (m + lanes - 1) / lanes;
+  PackedFilters packed{w_shape, lanes, std::vector<float>(blocks * lanes * c * taps, 0.0f)};
+  for (int64_t o = 0; o < m; ++o) {
+    float* block = packed.data.data() + (o / lanes) * c * taps * lanes + o % lanes;
+    for (int64_t i = 0; i < c * taps; ++i) block[i * lanes] = w[o * c * taps + i];
+  }
+  return packed;
+}
+
 OrtStatusPtr HasteConvOp::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info,
                                          void** kernel) const {
   try {
-    *kernel = new HasteConvKernel(ReadAttributes(Ort::ConstKernelInfo(info)));
+    const Ort::ConstKernelInfo kernel_info(info);
+    const HasteConvAttributes attrs = ReadAttributes(kernel_info);
+    // W is packed here, once, if it is a constant initializer of the right type and rank; any
+    // other W is packed (or refused with a message) by each run.
+    PackedFilters packed;
+    int is_constant = 0;
+    const Ort::ConstValue w = kernel_info.GetTensorConstantInput(1, &is_constant);
+    if (is_constant && w != nullptr && w.IsTensor()) {
+      const auto w_info = w.GetTensorTypeAndShapeInfo();
+      const Shape w_shape = w_info.GetShape();
+      if (w_info.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && w_shape.size() == 4 &&
+          *std::min_element(w_shape.begin(), w_shape.end()) >= 1) {
+        packed = PackFilters(w.GetTensorData<float>(), w_shape, FilterLanes());
+      }
+    }
+    *kernel = new HasteConvKernel(attrs, std::move(packed));
     return nullptr;
   } catch (...) {
     return ToStatus(api);
@@ -475,28 +624,27 @@ void HasteConvKernel::Compute(const Ort::KernelContext& context) const {
     }
   }
 
-  // W [M, C, K*K] -> [C, K*K, m_padded], once per run (W is read as an input, not cached).
-  const int64_t k2 = g.k * g.k, m_padded = (g.m + kBlock - 1) / kBlock * kBlock;
-  const float* w_data = w.GetTensorData<float>();
-  std::vector<float> filters(g.c * k2 * m_padded, 0.0f);
-  for (int64_t m = 0; m < g.m; ++m) {
-    for (int64_t c = 0; c < g.c; ++c) {
-      for (int64_t j = 0; j < k2; ++j) {
-        filters[(c * k2 + j) * m_padded + m] = w_data[(m * g.c + c) * k2 + j];
-      }
-    }
+  // W as packed when the session was created, or packed now if it was not a constant then.
+  PackedFilters packed_now;
+  const PackedFilters* packed = &packed_;
+  if (packed_.w_shape != w_shape) {
+    packed_now = PackFilters(w.GetTensorData<float>(), w_shape, FilterLanes());
+    packed = &packed_now;
   }
 
   const SparsePlanes sparse_planes(planes.GetTensorData<float>(), planes_shape[0], p2);
 
   Ort::UnownedValue y = context.GetOutput(0, {g.n, g.m, g.out_h, g.out_w});
   Job job{g,
-          m_padded,
+          SplitPixels(g.tile),
+          g.tile == 3 && g.k == 3,
           x.GetTensorData<float>(),
-          filters.data(),
+          packed->data.data(),
+          packed->lanes,
           bias != nullptr ? bias.GetTensorData<float>() : nullptr,
           &sparse_planes,
           attrs_.relu,
+          ConvRowFor(packed->lanes),
           y.GetTensorMutableData<float>()};
   context.ParallelFor(
       [](void* data, size_t index) {

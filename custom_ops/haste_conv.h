@@ -8,6 +8,8 @@
 
 #include <array>
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 // The library is built with hidden visibility; these are its only exported symbols.
 #define HASTE_ONNX_EXPORT __attribute__((visibility("default")))
@@ -22,9 +24,27 @@ struct HasteConvAttributes {
   bool relu = false;
 };
 
+// W [M, C, K, K] repacked for the convolution kernel: blocks of `lanes` output channels (one
+// vector register), [ceil(M / lanes), C, K*K, lanes], zero past M.
+struct PackedFilters {
+  std::vector<int64_t> w_shape;  // the shape of the W it was made from
+  int64_t lanes = 0;
+  std::vector<float> data;
+};
+
+// Output channels per vector register of the kernel this CPU runs (8 with AVX2, else 4).
+int64_t FilterLanes();
+
+// Packs W [M, C, K, K] (shape w_shape) for `lanes`-wide kernels.
+PackedFilters PackFilters(const float* w, const std::vector<int64_t>& w_shape, int64_t lanes);
+
 class HasteConvKernel {
  public:
-  explicit HasteConvKernel(const HasteConvAttributes& attrs) : attrs_(attrs) {}
+  // packed: W packed once when the session was created, if W is a constant initializer; left
+  // empty otherwise, and W is then packed on every run. Never changed after construction, so
+  // concurrent runs only read it.
+  HasteConvKernel(const HasteConvAttributes& attrs, PackedFilters packed)
+      : attrs_(attrs), packed_(std::move(packed)) {}
 
   // Never throws: every error becomes a status whose message starts with "HasteConv:".
   OrtStatusPtr ComputeV2(OrtKernelContext* context) const;
@@ -33,6 +53,7 @@ class HasteConvKernel {
   void Compute(const Ort::KernelContext& context) const;
 
   const HasteConvAttributes attrs_;
+  const PackedFilters packed_;
 };
 
 struct HasteConvOp : Ort::CustomOpBase<HasteConvOp, HasteConvKernel, /*WithStatus=*/true> {
