@@ -248,6 +248,7 @@ __attribute__((always_inline)) inline void ConvGroup(const float* in, const int3
     if constexpr (kTile > 0) {
       constexpr int kPatch = kTile + 2;
       const float* v = in + b * kPatch * kPatch;
+#pragma GCC unroll 9
       for (int t = 0; t < 9; ++t) {
         Vec wt = reinterpret_cast<const Vec*>(w)[t];
         if (in_registers > 1) wt += reinterpret_cast<const Vec*>(w1)[t];
