@@ -549,7 +549,9 @@ def evaluate(
     else:
         title = str(data)
         images, labels = datasets.load_dataset(data)
-    images, labels = images[:limit], labels[:limit]
+    if limit is not None and limit < len(images):
+        images, labels = images[:limit], labels[:limit]
+        title = f"the first {limit} images of the {title}"
     images = datasets.normalize(images, mean, std)
     result = evaluation.evaluate(
         ir.load(model),
