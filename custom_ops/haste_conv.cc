@@ -90,9 +90,6 @@ void GatherPatch(const Geometry& g, const float* image, int64_t ty, int64_t tx, 
 // Channels are hashed kHashBlock at a time, their projections summed in registers.
 constexpr int64_t kHashBlock = 8;
 
-// Two doubles (an SSE2 or NEON register), unaligned and allowed to alias double.
-typedef double Vec2d __attribute__((vector_size(16), may_alias, aligned(8)));
-
 // Channels rounded up to whole hash blocks: the row length of the centered patch.
 int64_t HashWidth(int64_t channels) {
   return (channels + kHashBlock - 1) / kHashBlock * kHashBlock;
@@ -122,8 +119,14 @@ struct SparsePlanes {
 // Everything is in double and each dot product is summed over j in order, the mean summed over
 // channels in order as numpy does, so the codes agree with the reference except for projections
 // within double rounding of zero. Scratch: mean [D], centered [D, HashWidth(C)].
-void HashPatch(const float* patch, int64_t channels, int64_t dim, const SparsePlanes& planes,
-               double* mean, double* centered, uint64_t* codes) {
+// Projections are summed kDoubles lanes at a time; every lane does the same multiplications and
+// additions (never fused) whatever the width, so the codes do not depend on it.
+template <int kDoubles>
+__attribute__((always_inline)) inline void HashPatchWith(const float* patch, int64_t channels,
+                                                         int64_t dim, const SparsePlanes& planes,
+                                                         double* mean, double* centered,
+                                                         uint64_t* codes) {
+  typedef double Vec __attribute__((vector_size(kDoubles * sizeof(double)), may_alias, aligned(8)));
   const int64_t width = HashWidth(channels);
   std::copy(patch, patch + dim, mean);
   for (int64_t c = 1; c < channels; ++c) {
@@ -139,17 +142,38 @@ void HashPatch(const float* patch, int64_t channels, int64_t dim, const SparsePl
     const int64_t count = std::min(kHashBlock, channels - c0);
     uint64_t block_codes[kHashBlock] = {};
     for (int64_t l = 0; l < planes.size(); ++l) {
-      Vec2d dots[kHashBlock / 2] = {};
+      Vec dots[kHashBlock / kDoubles] = {};
       for (int64_t e = planes.start[l]; e < planes.start[l + 1]; ++e) {
         const double p = planes.value[e];
-        const Vec2d* u = reinterpret_cast<const Vec2d*>(centered + planes.index[e] * width + c0);
-        for (int64_t i = 0; i < kHashBlock / 2; ++i) dots[i] += p * u[i];
+        const Vec* u = reinterpret_cast<const Vec*>(centered + planes.index[e] * width + c0);
+        for (int64_t i = 0; i < kHashBlock / kDoubles; ++i) dots[i] += p * u[i];
       }
       for (int64_t i = 0; i < kHashBlock; ++i)
-        block_codes[i] |= uint64_t{dots[i / 2][i % 2] > 0.0} << l;
+        block_codes[i] |= uint64_t{dots[i / kDoubles][i % kDoubles] > 0.0} << l;
     }
     std::copy(block_codes, block_codes + count, codes + c0);
   }
+}
+
+#if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
+// AVX2 without FMA: four lanes, and no fused multiply-add can change a projection's rounding.
+__attribute__((target("avx2"))) void HashPatchAvx2(const float* patch, int64_t channels,
+                                                   int64_t dim, const SparsePlanes& planes,
+                                                   double* mean, double* centered,
+                                                   uint64_t* codes) {
+  HashPatchWith<4>(patch, channels, dim, planes, mean, centered, codes);
+}
+#endif
+
+bool HasAvx2();
+
+// Hashes every channel of patch [C, D] (HashPatchWith), four lanes wide on CPUs with AVX2.
+void HashPatch(const float* patch, int64_t channels, int64_t dim, const SparsePlanes& planes,
+               double* mean, double* centered, uint64_t* codes) {
+#if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
+  if (HasAvx2()) return HashPatchAvx2(patch, channels, dim, planes, mean, centered, codes);
+#endif
+  HashPatchWith<2>(patch, channels, dim, planes, mean, centered, codes);
 }
 
 // Accumulators of the convolution kernel: at most kMaxPixels output pixels of one tile, each one
@@ -269,6 +293,29 @@ __attribute__((always_inline)) inline void ConvGroup(const float* in, const int3
   for (int p = 0; p < kPixels; ++p) reinterpret_cast<Vec*>(out)[p] = acc[p];
 }
 
+// ConvGroup for T = 3, K = 3 as a function of its own: inlined into the row loop, the compiler
+// shares the input broadcasts between taps and runs out of registers (accumulators spill).
+template <int kLanes>
+void ConvGroupTile3(const float* in, const int32_t* order, const int32_t* starts, int64_t buckets,
+                    const float* filters, float* wsum, float* out);
+
+template <>
+__attribute__((noinline)) void ConvGroupTile3<4>(const float* in, const int32_t* order,
+                                                 const int32_t* starts, int64_t buckets,
+                                                 const float* filters, float* wsum, float* out) {
+  ConvGroup<4, 9, 3>(in, order, starts, buckets, filters, 9, wsum, out);
+}
+
+#if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
+template <>
+__attribute__((target("avx2,fma"),
+               noinline)) void ConvGroupTile3<8>(const float* in, const int32_t* order,
+                                                 const int32_t* starts, int64_t buckets,
+                                                 const float* filters, float* wsum, float* out) {
+  ConvGroup<8, 9, 3>(in, order, starts, buckets, filters, 9, wsum, out);
+}
+#endif
+
 // Convolves one row of tiles whose buckets are in `row`, filter block after filter block (so that
 // a block stays in cache for the whole row), and writes Y with bias and Relu.
 template <int kLanes, int kPixels, int kTile>
@@ -292,7 +339,11 @@ __attribute__((always_inline)) inline void ConvRowWith(const Job& job, int64_t n
       const int32_t* starts = row.starts.data() + tx * (g.c + 1);
       for (int64_t group = 0; group < groups; ++group) {
         const float* in = row.inputs.data() + row.input[tx] + group * buckets * taps * kPixels;
-        ConvGroup<kLanes, kPixels, kTile>(in, order, starts, buckets, filters, taps, sum, out);
+        if constexpr (kTile == 3) {
+          ConvGroupTile3<kLanes>(in, order, starts, buckets, filters, sum, out);
+        } else {
+          ConvGroup<kLanes, kPixels, kTile>(in, order, starts, buckets, filters, taps, sum, out);
+        }
         for (int64_t p = 0; p < kPixels; ++p) {
           const int64_t pixel = group * kPixels + p, oy = pixel / tile, ox = pixel % tile;
           if (oy >= rows || ox >= cols) continue;  // padding, or outside Y at the edges
@@ -451,7 +502,8 @@ void RunTileRow(const Job& job, int64_t index) {
         in = merged;
       }
       if (job.compact) {
-        std::copy(in, in + p2, row.inputs.data() + row.input[tx] + b * p2);
+        float* dst = row.inputs.data() + row.input[tx] + b * p2;
+        for (int64_t j = 0; j < p2; ++j) dst[j] = in[j];  // short: a loop beats a memmove call
         continue;
       }
       for (int64_t group = 0; group < groups; ++group) {
