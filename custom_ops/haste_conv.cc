@@ -82,7 +82,8 @@ void GatherPatch(const Geometry& g, const float* image, int64_t ty, int64_t tx, 
       const int64_t iy = y0 + py;
       if (iy < 0 || iy >= g.h || lo == hi) continue;
       const float* src = image + (c * g.h + iy) * g.w + x0 + lo;
-      std::copy(src, src + (hi - lo), patch + (c * p + py) * p + lo);
+      float* dst = patch + (c * p + py) * p + lo;
+      for (int64_t i = 0; i < hi - lo; ++i) dst[i] = src[i];  // a few floats: no memmove call
     }
   }
 }
@@ -400,12 +401,25 @@ ConvRowFn ConvRowFor(int64_t lanes) {
   return lanes == 4 ? ConvRowPortable : nullptr;
 }
 
+// Sorts keys (code, channel), given in channel order, by code and then channel: a stable radix
+// sort, one pass per byte of the codes' `bits` bits.
+void SortByCode(std::vector<std::pair<uint64_t, int32_t>>& keys,
+                std::vector<std::pair<uint64_t, int32_t>>& spare, int64_t bits) {
+  for (int64_t shift = 0; shift < bits; shift += 8) {
+    size_t count[257] = {};
+    for (const auto& key : keys) ++count[((key.first >> shift) & 255) + 1];
+    for (int i = 0; i < 256; ++i) count[i + 1] += count[i];
+    for (const auto& key : keys) spare[count[(key.first >> shift) & 255]++] = key;
+    keys.swap(spare);
+  }
+}
+
 // Scratch of one thread, reused by its work items so that they do not allocate.
 struct RowScratch {
   std::vector<float> patch, merged;
   std::vector<double> mean, centered;
   std::vector<uint64_t> codes;
-  std::vector<std::pair<uint64_t, int32_t>> keys;  // (code, channel), sorted
+  std::vector<std::pair<uint64_t, int32_t>> keys, spare_keys;  // (code, channel), sorted
   std::vector<int32_t> leader, size;  // per channel first in its bucket: where its run starts
   std::vector<int64_t> gather;        // [groups, K*K, pixels]: patch offset, or -1 for padding
   RowBuckets row;
@@ -426,6 +440,7 @@ void RunTileRow(const Job& job, int64_t index) {
   s.centered.resize(p2 * HashWidth(g.c));
   s.codes.resize(g.c);
   s.keys.resize(g.c);
+  s.spare_keys.resize(g.c);
   s.leader.resize(g.c);
   s.size.resize(g.c);
   s.gather.resize(groups * taps * pixels);
@@ -453,7 +468,7 @@ void RunTileRow(const Job& job, int64_t index) {
     HashPatch(s.patch.data(), g.c, p2, *job.planes, s.mean.data(), s.centered.data(),
               s.codes.data());
     for (int64_t c = 0; c < g.c; ++c) s.keys[c] = {s.codes[c], static_cast<int32_t>(c)};
-    std::sort(s.keys.begin(), s.keys.end());
+    SortByCode(s.keys, s.spare_keys, job.planes->size());
 
     // Buckets are runs of equal codes. A bucket of one channel reads its patch; a larger one
     // the mean of its patches.
