@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 
 from haste_onnx import datasets, ir, report
 from haste_onnx import evaluate as evaluation
@@ -452,7 +453,7 @@ def inspect(model: Path, **kw: Any) -> None:
     )
 
 
-DATA_SETS = {
+DATA_SETS: dict[str, tuple[str, Callable[[], tuple[np.ndarray, np.ndarray]]]] = {
     "fashion-mnist": ("Fashion-MNIST test set", datasets.load_fashion_mnist),
     "mnist": ("MNIST test set", datasets.load_mnist),
     "cifar10-samples": ("foolbox's 20 CIFAR-10 test images", datasets.load_foolbox_samples),

@@ -260,13 +260,17 @@ def ablation(
     session = runtime.quiet_session(converted, threads=threads)
     lsh = _run(session, name, images, batch)
     evaluator = ReferenceEvaluator(converted, new_ops=[_random_grouping_op(options.seed)])
-    random = [evaluator.run(None, {name: images[sl]}) for sl in _batches(len(images), batch)]
+    random = []
+    for sl in _batches(len(images), batch):
+        outputs = evaluator.run(None, {name: images[sl]})
+        assert isinstance(outputs, list)  # a list when all outputs are asked for
+        random.append(outputs[0])
     run = measure(original, options, images, labels, stats_images=len(images), threads=threads)
     return Ablation(
         num_planes=options.num_planes,
         images=len(images),
         lsh_accuracy=_accuracy(np.concatenate([r[0] for r in lsh]), labels),
-        random_accuracy=_accuracy(np.concatenate([r[0] for r in random]), labels),
+        random_accuracy=_accuracy(np.concatenate(random), labels),
         mean_ratio=float(run.mean_ratio),
     )
 

@@ -388,7 +388,7 @@ def plans_of(model: onnx.ModelProto) -> list[LayerPlan]:
                 out_channels=int(weight.shape[0]),
                 kernel=int(weight.shape[2]),
                 pads=(pads[0], pads[1], pads[2], pads[3]),
-                tile=int(ir.attribute(node, "tile", opdef.DEFAULT_TILE)),  # type: ignore[arg-type]
+                tile=int(ir.attribute(node, "tile", opdef.DEFAULT_TILE)),  # type: ignore[call-overload]
                 num_planes=int(planes.shape[0]),
                 plane_nonzeros=int(np.count_nonzero(planes)),
                 fused_batchnorm=None,
