@@ -232,7 +232,10 @@ constexpr int64_t kPrefetch = 2;
 // filters are never stored for the tile.
 // With kTile > 0 (a 3x3 kernel and T = kTile, a single group), `in` holds each bucket's P x P
 // input as it is, [buckets, P*P], and every offset is a constant of the unrolled loops.
-template <int kLanes, int kPixels, int kTile>
+// kCols (kTile > 0 only) is the number of output columns computed per tile row: pixel p is
+// (p / kCols, p % kCols), so that a tile cut by the edge of Y computes only its kPixels valid
+// outputs.
+template <int kLanes, int kPixels, int kTile, int kCols = (kTile > 0 ? kTile : 1)>
 __attribute__((always_inline)) inline void ConvGroup(const float* in, const int32_t* order,
                                                      const int32_t* starts, int64_t buckets,
                                                      const float* filters, int64_t taps,
@@ -279,7 +282,7 @@ __attribute__((always_inline)) inline void ConvGroup(const float* in, const int3
         if (in_registers > 1) wt += reinterpret_cast<const Vec*>(w1)[t];
         if (in_registers > 2) wt += reinterpret_cast<const Vec*>(w2)[t];
         const float* vt = v + (t / 3) * kPatch + t % 3;
-        for (int p = 0; p < kPixels; ++p) acc[p] += vt[(p / kTile) * kPatch + p % kTile] * wt;
+        for (int p = 0; p < kPixels; ++p) acc[p] += vt[(p / kCols) * kPatch + p % kCols] * wt;
       }
     } else {
       const float* v = in + b * taps * kPixels;
@@ -296,26 +299,45 @@ __attribute__((always_inline)) inline void ConvGroup(const float* in, const int3
 
 // ConvGroup for T = 3, K = 3 as a function of its own: inlined into the row loop, the compiler
 // shares the input broadcasts between taps and runs out of registers (accumulators spill).
-template <int kLanes>
-void ConvGroupTile3(const float* in, const int32_t* order, const int32_t* starts, int64_t buckets,
-                    const float* filters, float* wsum, float* out);
+// One per shape of the tile's valid outputs, kRows x kCols (1-3 each): tiles cut by the edge of
+// Y (28 = 9 * 3 + 1) compute no padded outputs.
+using ConvTile3Fn = void (*)(const float* in, const int32_t* order, const int32_t* starts,
+                             int64_t buckets, const float* filters, float* wsum, float* out);
 
-template <>
-__attribute__((noinline)) void ConvGroupTile3<4>(const float* in, const int32_t* order,
+template <int kRows, int kCols>
+__attribute__((noinline)) void ConvTile3Portable(const float* in, const int32_t* order,
                                                  const int32_t* starts, int64_t buckets,
                                                  const float* filters, float* wsum, float* out) {
-  ConvGroup<4, 9, 3>(in, order, starts, buckets, filters, 9, wsum, out);
+  ConvGroup<4, kRows * kCols, 3, kCols>(in, order, starts, buckets, filters, 9, wsum, out);
 }
 
 #if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
-template <>
-__attribute__((target("avx2,fma"),
-               noinline)) void ConvGroupTile3<8>(const float* in, const int32_t* order,
-                                                 const int32_t* starts, int64_t buckets,
-                                                 const float* filters, float* wsum, float* out) {
-  ConvGroup<8, 9, 3>(in, order, starts, buckets, filters, 9, wsum, out);
+template <int kRows, int kCols>
+__attribute__((target("avx2,fma"), noinline)) void ConvTile3Avx2(
+    const float* in, const int32_t* order, const int32_t* starts, int64_t buckets,
+    const float* filters, float* wsum, float* out) {
+  ConvGroup<8, kRows * kCols, 3, kCols>(in, order, starts, buckets, filters, 9, wsum, out);
 }
 #endif
+
+// The kernel for a kLanes-wide filter block and `rows` x `cols` valid outputs (1-3 each).
+template <int kLanes>
+ConvTile3Fn ConvTile3For(int64_t rows, int64_t cols) {
+#if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
+  if constexpr (kLanes == 8) {
+    static constexpr ConvTile3Fn table[9] = {
+        ConvTile3Avx2<1, 1>, ConvTile3Avx2<1, 2>, ConvTile3Avx2<1, 3>,
+        ConvTile3Avx2<2, 1>, ConvTile3Avx2<2, 2>, ConvTile3Avx2<2, 3>,
+        ConvTile3Avx2<3, 1>, ConvTile3Avx2<3, 2>, ConvTile3Avx2<3, 3>};
+    return table[(rows - 1) * 3 + cols - 1];
+  }
+#endif
+  static constexpr ConvTile3Fn table[9] = {
+      ConvTile3Portable<1, 1>, ConvTile3Portable<1, 2>, ConvTile3Portable<1, 3>,
+      ConvTile3Portable<2, 1>, ConvTile3Portable<2, 2>, ConvTile3Portable<2, 3>,
+      ConvTile3Portable<3, 1>, ConvTile3Portable<3, 2>, ConvTile3Portable<3, 3>};
+  return table[(rows - 1) * 3 + cols - 1];
+}
 
 // Convolves one row of tiles whose buckets are in `row`, filter block after filter block (so that
 // a block stays in cache for the whole row), and writes Y with bias and Relu.
@@ -341,7 +363,17 @@ __attribute__((always_inline)) inline void ConvRowWith(const Job& job, int64_t n
       for (int64_t group = 0; group < groups; ++group) {
         const float* in = row.inputs.data() + row.input[tx] + group * buckets * taps * kPixels;
         if constexpr (kTile == 3) {
-          ConvGroupTile3<kLanes>(in, order, starts, buckets, filters, sum, out);
+          // Only the rows x cols outputs inside Y, packed in `out` row after row.
+          ConvTile3For<kLanes>(rows, cols)(in, order, starts, buckets, filters, sum, out);
+          for (int64_t p = 0; p < rows * cols; ++p) {
+            const int64_t oy = p / cols, ox = p % cols;
+            float* dst = job.y + ((n * g.m + m0) * g.out_h + y0 + oy) * g.out_w + x0 + ox;
+            for (int64_t l = 0; l < lanes; ++l) {
+              const float v = out[p * kLanes + l] + bias[l];
+              dst[l * g.out_h * g.out_w] = job.relu ? std::max(v, 0.0f) : v;
+            }
+          }
+          continue;
         } else {
           ConvGroup<kLanes, kPixels, kTile>(in, order, starts, buckets, filters, taps, sum, out);
         }
