@@ -191,14 +191,12 @@ def verify(
     capture = [name for p in plans for name in (p.input, p.output)]
     actual = run_with_captures(converted, feeds, capture)
     outputs = [compare(name, expected[name], actual[name]) for name in expected]
-    nodes = {n.name or n.output[0]: n for n in converted.graph.node}
     by_output = {n.output[0]: n for n in converted.graph.node}
     weights = {t.name: numpy_helper.to_array(t) for t in converted.graph.initializer}
     layers = []
     for i, plan in enumerate(plans):
         say(f"checking layer {i + 1}/{len(plans)} against the reference: {plan.name}")
-        node = by_output.get(plan.output) or nodes[plan.name]
-        layers.append(_layer_run(plan, actual, weights, node, tol))
+        layers.append(_layer_run(plan, actual, weights, by_output[plan.output], tol))
     failures = _output_failures(outputs, tol)
     for layer in layers:
         if layer.kernel_mismatch > tol.max_kernel_mismatch:
