@@ -32,6 +32,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from haste_onnx import ir
 from haste_onnx.hashing import make_planes
 from haste_onnx.opdef import DEFAULT_TILE, DOMAIN, make_node
 from haste_onnx.passes.rewrite import HasteOptions, rewrite
@@ -274,15 +275,19 @@ def eligible_convs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return found
 
 
+def only_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of the model whose outputs are exactly `names`."""
+    bare = onnx.ModelProto()
+    bare.CopyFrom(model)
+    del bare.graph.output[:]
+    return ir.with_outputs(bare, names)
+
+
 def capture_inputs(
     model: onnx.ModelProto, names: Sequence[str], feed: dict[str, np.ndarray]
 ) -> list[np.ndarray]:
     """The values of `names` when the model runs on feed (each added as a graph output)."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    for name in names:
-        probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    probe = only_outputs(model, names)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(
@@ -390,12 +395,7 @@ def mean_r(converted: onnx.ModelProto, feed: dict[str, np.ndarray]) -> float:
 def capture_inputs_haste(
     model: onnx.ModelProto, names: Sequence[str], feed: dict[str, np.ndarray]
 ) -> list[np.ndarray]:
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    for name in names:
-        probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-    return make_session(probe).run(None, feed)
+    return make_session(only_outputs(model, names)).run(None, feed)
 
 
 def plot(layer_points: Sequence[LayerPoint], real_points: Sequence[RealPoint], path: Path) -> None:

@@ -125,13 +125,8 @@ def measure(
     """Convert with ``options`` and measure top-1 accuracy and FLOPs on ``images``."""
     name = _single_input(original)
     converted, decisions, plans = rewrite(original, options)
-    probe = onnx.ModelProto()
-    probe.CopyFrom(converted)
-    logits_name = probe.graph.output[0].name
-    for plan in plans:
-        probe.graph.output.append(
-            onnx.helper.make_tensor_value_info(plan.input, onnx.TensorProto.FLOAT, None)
-        )
+    logits_name = converted.graph.output[0].name
+    probe = ir.with_outputs(converted, [plan.input for plan in plans])
     session = runtime.quiet_session(probe, threads=threads)
     weights = {t.name: t for t in converted.graph.initializer}
     planes = {}

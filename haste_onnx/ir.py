@@ -137,6 +137,22 @@ def graph_output_names(graph: onnx.GraphProto) -> set[str]:
     return {o.name for o in graph.output}
 
 
+def with_outputs(
+    model: onnx.ModelProto, names: Iterable[str], skip: Iterable[str] = ()
+) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs the float tensors ``names`` (those not already
+    graph outputs nor in ``skip``), to capture intermediate values in one run."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = graph_output_names(probe.graph) | set(skip)
+    for name in dict.fromkeys(names):
+        if name not in present:
+            probe.graph.output.append(
+                onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+            )
+    return probe
+
+
 def remove_unused_initializers(graph: onnx.GraphProto, keep: Iterable[str] = ()) -> None:
     used = {name for node in graph.node for name in node.input}
     used |= graph_output_names(graph) | set(keep)

@@ -126,14 +126,7 @@ def run_with_captures(
     model: onnx.ModelProto, feeds: dict[str, np.ndarray], capture: Sequence[str]
 ) -> dict[str, np.ndarray]:
     """Run a converted model, also returning the tensors named in ``capture``."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    present = ir.graph_output_names(probe.graph) | set(feeds)
-    for name in dict.fromkeys(capture):
-        if name not in present:
-            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-            probe.graph.output[-1].type.tensor_type.elem_type = onnx.TensorProto.FLOAT
-    session = runtime.quiet_session(probe)
+    session = runtime.quiet_session(ir.with_outputs(model, capture, skip=feeds))
     names = [o.name for o in session.get_outputs()]
     results = dict(zip(names, session.run(names, feeds)))
     results.update(feeds)
