@@ -193,49 +193,54 @@ PixelGroups SplitPixels(int64_t tile) {
 
 // One run's inputs and output, shared read-only by the work items (except `failed`).
 struct Job;
-struct RowBuckets;
-using ConvRowFn = void (*)(const Job& job, int64_t n, int64_t ty, const RowBuckets& row);
+struct ChunkBuckets;
+struct WorkItem;
+using ConvFn = void (*)(const Job& job, const ChunkBuckets& chunk, const WorkItem& item);
 
 struct Job {
   Geometry g;
   PixelGroups split;
-  bool compact;          // T = 3 and K = 3: RowBuckets::inputs holds P x P inputs (see ConvGroup)
+  bool compact;  // T = 3 and K = 3: ChunkBuckets::inputs holds P x P inputs (see ConvTile3With)
   const float* x;        // [N, C, H, W]
   const float* filters;  // packed W (PackedFilters::data)
   int64_t lanes;
   const float* bias;  // [M] or null
   const SparsePlanes* planes;
   bool relu;
-  ConvRowFn conv_row;
+  ConvFn conv;
   float* y;  // [N, M, Ho, Wo]
   std::atomic<bool> failed{false};
 };
 
-// The buckets of every tile of one row of tiles, and their inputs laid out for the kernel.
-struct RowBuckets {
-  std::vector<int32_t> order;   // [tiles_x, C]: channels, bucket after bucket
-  std::vector<int32_t> starts;  // [tiles_x, C + 1]: bucket b of tile tx is order[starts[b] ..]
-  std::vector<int64_t> count;   // [tiles_x]: number of buckets
-  std::vector<int64_t> input;   // [tiles_x]: where the tile's inputs start in `inputs`
+// The buckets of every tile of a chunk of tile rows, and their inputs laid out for the kernel.
+// Rows are numbered over the batch, row = n * tiles_y + ty; tile t = row * tiles_x + tx counts
+// from the chunk's first row.
+struct ChunkBuckets {
+  int64_t first_row = 0, rows = 0;
+  int64_t per_tile = 0;         // floats of `inputs` reserved for each tile
+  std::vector<int32_t> order;   // [tiles, C]: channels, bucket after bucket
+  std::vector<int32_t> starts;  // [tiles, C + 1]: bucket b of tile t is order[starts[b] ..]
+  std::vector<int64_t> count;   // [tiles]: number of buckets
   // Per tile [groups, buckets, K*K, pixels]: the (merged) input each kernel tap reads for each
   // output pixel of the group, 0 for the padding pixels of the last group; with Job::compact
   // [buckets, P*P], each bucket's (merged) patch.
-  std::vector<float> inputs;
+  std::vector<float> inputs;  // [tiles, per_tile]
 };
 
-// How many buckets ahead ConvGroup prefetches filters.
+// Rows [row_begin, row_end) of a chunk for filter blocks [block_begin, block_end).
+struct WorkItem {
+  int64_t row_begin, row_end, block_begin, block_end;
+};
+
+// How many buckets ahead the kernels prefetch filters.
 constexpr int64_t kPrefetch = 2;
 
 // out [pixels, kLanes] = the reduced convolution of one tile's pixel group for the output
 // channels of one filter block [C, K*K, kLanes]: summed over buckets and taps in registers. A
 // bucket of several channels first sums their filters (into wsum [K*K, kLanes]); the merged
-// filters are never stored for the tile.
-// With kTile > 0 (a 3x3 kernel and T = kTile, a single group), `in` holds each bucket's P x P
-// input as it is, [buckets, P*P], and every offset is a constant of the unrolled loops.
-// kCols (kTile > 0 only) is the number of output columns computed per tile row: pixel p is
-// (p / kCols, p % kCols), so that a tile cut by the edge of Y computes only its kPixels valid
-// outputs.
-template <int kLanes, int kPixels, int kTile, int kCols = (kTile > 0 ? kTile : 1)>
+// filters are never stored for the tile. `in` holds, for each bucket, the input of every tap and
+// pixel, [buckets, K*K, pixels]. (T = 3 with a 3x3 kernel has a kernel of its own, ConvTile3With.)
+template <int kLanes, int kPixels>
 __attribute__((always_inline)) inline void ConvGroup(const float* in, const int32_t* order,
                                                      const int32_t* starts, int64_t buckets,
                                                      const float* filters, int64_t taps,
@@ -250,11 +255,9 @@ __attribute__((always_inline)) inline void ConvGroup(const float* in, const int3
         const float* next = filters + order[i] * stride;
         for (int64_t j = 0; j < stride; j += 64 / sizeof(float)) __builtin_prefetch(next + j);
       }
-      if constexpr (kTile == 0) {
-        const float* next_in = in + (b + kPrefetch) * taps * kPixels;
-        for (int64_t i = 0; i < taps * kPixels; i += 64 / sizeof(float))
-          __builtin_prefetch(next_in + i);
-      }
+      const float* next_in = in + (b + kPrefetch) * taps * kPixels;
+      for (int64_t i = 0; i < taps * kPixels; i += 64 / sizeof(float))
+        __builtin_prefetch(next_in + i);
     }
     const int32_t* channel = order + starts[b];
     const int64_t size = starts[b + 1] - starts[b];
@@ -273,28 +276,124 @@ __attribute__((always_inline)) inline void ConvGroup(const float* in, const int3
       w = wsum;
     }
     const int64_t in_registers = size > 3 ? 1 : size;
-    if constexpr (kTile > 0) {
-      constexpr int kPatch = kTile + 2;
-      const float* v = in + b * kPatch * kPatch;
-#pragma GCC unroll 9
-      for (int t = 0; t < 9; ++t) {
-        Vec wt = reinterpret_cast<const Vec*>(w)[t];
-        if (in_registers > 1) wt += reinterpret_cast<const Vec*>(w1)[t];
-        if (in_registers > 2) wt += reinterpret_cast<const Vec*>(w2)[t];
-        const float* vt = v + (t / 3) * kPatch + t % 3;
-        for (int p = 0; p < kPixels; ++p) acc[p] += vt[(p / kCols) * kPatch + p % kCols] * wt;
-      }
-    } else {
-      const float* v = in + b * taps * kPixels;
-      for (int64_t t = 0; t < taps; ++t) {
-        Vec wt = reinterpret_cast<const Vec*>(w)[t];
-        if (in_registers > 1) wt += reinterpret_cast<const Vec*>(w1)[t];
-        if (in_registers > 2) wt += reinterpret_cast<const Vec*>(w2)[t];
-        for (int p = 0; p < kPixels; ++p) acc[p] += v[t * kPixels + p] * wt;
-      }
+    const float* v = in + b * taps * kPixels;
+    for (int64_t t = 0; t < taps; ++t) {
+      Vec wt = reinterpret_cast<const Vec*>(w)[t];
+      if (in_registers > 1) wt += reinterpret_cast<const Vec*>(w1)[t];
+      if (in_registers > 2) wt += reinterpret_cast<const Vec*>(w2)[t];
+      for (int p = 0; p < kPixels; ++p) acc[p] += v[t * kPixels + p] * wt;
     }
   }
   for (int p = 0; p < kPixels; ++p) reinterpret_cast<Vec*>(out)[p] = acc[p];
+}
+
+// v = *value in every lane, and acc += a * b. With eight lanes, one AVX2 instruction each, written
+// out: the compiler then keeps every accumulator in its register instead of rotating registers
+// between the FMA forms, and cannot merge broadcasts of one value into a long-lived register (it
+// spills in both cases).
+template <int kLanes, typename Vec>
+__attribute__((always_inline)) inline void Splat(const float* value, Vec* v) {
+#if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
+  if constexpr (kLanes == 8) {
+    asm("vbroadcastss %1, %0" : "=x"(*v) : "m"(*value));
+    return;
+  }
+#endif
+  for (int i = 0; i < kLanes; ++i) (*v)[i] = *value;
+}
+
+template <int kLanes, typename Vec>
+__attribute__((always_inline)) inline void MultiplyAdd(Vec* acc, Vec a, Vec b) {
+#if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
+  if constexpr (kLanes == 8) {
+    asm("vfmadd231ps %2, %1, %0" : "+x"(*acc) : "x"(a), "x"(b));
+    return;
+  }
+#endif
+  *acc += a * b;
+}
+
+// One bucket's share of a T = 3, K = 3 tile: acc [kRows * kCols] += the 3x3 convolution of its
+// 5x5 (merged) input v with the sum of its kSum filters w, w1 [9, kLanes]. Kernel row by kernel
+// row: the row's three taps stay in registers while each input row they meet is broadcast once,
+// element by element, into the FMAs of its outputs, so that every broadcast dies at once (9
+// accumulators, 3 taps and 1 broadcast fit in 16 registers). The empty asm hides that the rows
+// read for different kernel rows are the same memory: shared, the broadcasts would outlive the
+// registers and spill. Each output sums its taps in the order 0..8, as the reference does.
+template <int kLanes, int kRows, int kCols, int kSum>
+__attribute__((always_inline)) inline void Tile3Bucket(const float* v, const float* wf,
+                                                       const float* w1f, void* accv) {
+  typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), may_alias, aligned(4)));
+  const Vec* w = reinterpret_cast<const Vec*>(wf);
+  const Vec* w1 = reinterpret_cast<const Vec*>(w1f);
+  Vec* acc = reinterpret_cast<Vec*>(accv);
+#pragma GCC unroll 3
+  for (int ky = 0; ky < 3; ++ky) {
+    Vec wk[3];
+#pragma GCC unroll 3
+    for (int kx = 0; kx < 3; ++kx) {
+      wk[kx] = w[ky * 3 + kx];
+      if constexpr (kSum == 2) wk[kx] += w1[ky * 3 + kx];
+    }
+#pragma GCC unroll 3
+    for (int oy = 0; oy < kRows; ++oy) {
+      const float* row = v + (oy + ky) * 5;
+      asm volatile("" : "+r"(row));
+#pragma GCC unroll 5
+      for (int j = 0; j < kCols + 2; ++j) {  // input column j meets output column ox at tap j - ox
+        Vec in_j;
+        Splat<kLanes>(row + j, &in_j);
+        if (j - 2 >= 0 && j - 2 < kCols) MultiplyAdd<kLanes>(&acc[oy * kCols + j - 2], in_j, wk[2]);
+        if (j - 1 >= 0 && j - 1 < kCols) MultiplyAdd<kLanes>(&acc[oy * kCols + j - 1], in_j, wk[1]);
+        if (j < kCols) MultiplyAdd<kLanes>(&acc[oy * kCols + j], in_j, wk[0]);
+      }
+    }
+  }
+}
+
+// out [kRows * kCols, kLanes] = the reduced convolution of one T = 3, K = 3 tile (its kRows x
+// kCols outputs inside Y) for the output channels of one filter block [C, 9, kLanes]; `in` holds
+// each bucket's 5x5 input, [buckets, 25]. Buckets come single channels first, then pairs, then
+// larger ones (HashRow orders them so): each kind has a loop of its own. A pair sums its
+// filters in registers, a larger bucket tap by tap into wsum [9, kLanes] first.
+template <int kLanes, int kRows, int kCols>
+__attribute__((always_inline)) inline void ConvTile3With(const float* in, const int32_t* order,
+                                                         const int32_t* starts, int64_t buckets,
+                                                         const float* filters, float* wsum,
+                                                         float* out) {
+  typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), may_alias, aligned(4)));
+  constexpr int64_t kStride = 9 * kLanes;
+  const Vec* w = reinterpret_cast<const Vec*>(filters);
+  auto prefetch = [&](int64_t b) {  // the filters of bucket b, when there is one
+    if (b >= buckets) return;
+    for (int32_t i = starts[b]; i < starts[b + 1]; ++i) {
+      const float* next = filters + order[i] * kStride;
+      for (int64_t j = 0; j < kStride; j += 64 / sizeof(float)) __builtin_prefetch(next + j);
+    }
+  };
+  Vec acc[kRows * kCols] = {};
+  int64_t b = 0;
+  for (; b < buckets && starts[b + 1] - starts[b] == 1; ++b) {
+    prefetch(b + kPrefetch);
+    Tile3Bucket<kLanes, kRows, kCols, 1>(in + b * 25, filters + order[starts[b]] * kStride, nullptr, acc);
+  }
+  for (; b < buckets && starts[b + 1] - starts[b] == 2; ++b) {
+    prefetch(b + kPrefetch);
+    const int32_t* channel = order + starts[b];
+    Tile3Bucket<kLanes, kRows, kCols, 2>(in + b * 25, filters + channel[0] * kStride,
+                                           filters + channel[1] * kStride, acc);
+  }
+  Vec* sum = reinterpret_cast<Vec*>(wsum);
+  for (; b < buckets; ++b) {
+    prefetch(b + kPrefetch);
+    for (int t = 0; t < 9; ++t) {  // tap by tap: one register, the accumulators stay put
+      Vec s = w[order[starts[b]] * 9 + t];
+      for (int32_t i = starts[b] + 1; i < starts[b + 1]; ++i) s += w[order[i] * 9 + t];
+      sum[t] = s;
+    }
+    Tile3Bucket<kLanes, kRows, kCols, 1>(in + b * 25, wsum, nullptr, acc);
+  }
+  for (int p = 0; p < kRows * kCols; ++p) reinterpret_cast<Vec*>(out)[p] = acc[p];
 }
 
 // ConvGroup for T = 3, K = 3 as a function of its own: inlined into the row loop, the compiler
@@ -308,7 +407,7 @@ template <int kRows, int kCols>
 __attribute__((noinline)) void ConvTile3Portable(const float* in, const int32_t* order,
                                                  const int32_t* starts, int64_t buckets,
                                                  const float* filters, float* wsum, float* out) {
-  ConvGroup<4, kRows * kCols, 3, kCols>(in, order, starts, buckets, filters, 9, wsum, out);
+  ConvTile3With<4, kRows, kCols>(in, order, starts, buckets, filters, wsum, out);
 }
 
 #if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
@@ -316,7 +415,7 @@ template <int kRows, int kCols>
 __attribute__((target("avx2,fma"), noinline)) void ConvTile3Avx2(
     const float* in, const int32_t* order, const int32_t* starts, int64_t buckets,
     const float* filters, float* wsum, float* out) {
-  ConvGroup<8, kRows * kCols, 3, kCols>(in, order, starts, buckets, filters, 9, wsum, out);
+  ConvTile3With<8, kRows, kCols>(in, order, starts, buckets, filters, wsum, out);
 }
 #endif
 
@@ -339,51 +438,56 @@ ConvTile3Fn ConvTile3For(int64_t rows, int64_t cols) {
   return table[(rows - 1) * 3 + cols - 1];
 }
 
-// Convolves one row of tiles whose buckets are in `row`, filter block after filter block (so that
-// a block stays in cache for the whole row), and writes Y with bias and Relu.
+// Convolves the rows of one work item, filter block after filter block (so that a block is read
+// once for all of the item's tiles, whose inputs stay in cache), and writes Y with bias and Relu.
 template <int kLanes, int kPixels, int kTile>
-__attribute__((always_inline)) inline void ConvRowWith(const Job& job, int64_t n, int64_t ty,
-                                                       const RowBuckets& row) {
+__attribute__((always_inline)) inline void ConvWith(const Job& job, const ChunkBuckets& chunk,
+                                                    const WorkItem& item) {
   const Geometry& g = job.g;
   const int64_t taps = g.k * g.k, groups = job.split.groups, tile = g.tile;
-  const int64_t y0 = ty * tile, rows = std::min(tile, g.out_h - y0);
   float wsum[kLanes * 128], out[kPixels * kLanes];
   std::vector<float> big_wsum(taps > 128 ? taps * kLanes : 0);
   float* sum = taps > 128 ? big_wsum.data() : wsum;
-  for (int64_t m0 = 0; m0 < g.m; m0 += kLanes) {
+  for (int64_t block = item.block_begin; block < item.block_end; ++block) {
+    const int64_t m0 = block * kLanes;
     const float* filters = job.filters + m0 * g.c * taps;
     const int64_t lanes = std::min<int64_t>(kLanes, g.m - m0);
     float bias[kLanes] = {};
     if (job.bias) std::copy(job.bias + m0, job.bias + m0 + lanes, bias);
-    for (int64_t tx = 0; tx < g.tiles_x; ++tx) {
-      const int64_t x0 = tx * tile, cols = std::min(tile, g.out_w - x0);
-      const int64_t buckets = row.count[tx];
-      const int32_t* order = row.order.data() + tx * g.c;
-      const int32_t* starts = row.starts.data() + tx * (g.c + 1);
-      for (int64_t group = 0; group < groups; ++group) {
-        const float* in = row.inputs.data() + row.input[tx] + group * buckets * taps * kPixels;
-        if constexpr (kTile == 3) {
-          // Only the rows x cols outputs inside Y, packed in `out` row after row.
-          ConvTile3For<kLanes>(rows, cols)(in, order, starts, buckets, filters, sum, out);
-          for (int64_t p = 0; p < rows * cols; ++p) {
-            const int64_t oy = p / cols, ox = p % cols;
+    for (int64_t row = item.row_begin; row < item.row_end; ++row) {
+      const int64_t n = (chunk.first_row + row) / g.tiles_y, ty = (chunk.first_row + row) % g.tiles_y;
+      const int64_t y0 = ty * tile, rows = std::min(tile, g.out_h - y0);
+      for (int64_t tx = 0; tx < g.tiles_x; ++tx) {
+        const int64_t t = row * g.tiles_x + tx;
+        const int64_t x0 = tx * tile, cols = std::min(tile, g.out_w - x0);
+        const int64_t buckets = chunk.count[t];
+        const int32_t* order = chunk.order.data() + t * g.c;
+        const int32_t* starts = chunk.starts.data() + t * (g.c + 1);
+        for (int64_t group = 0; group < groups; ++group) {
+          const float* in = chunk.inputs.data() + t * chunk.per_tile + group * buckets * taps * kPixels;
+          if constexpr (kTile == 3) {
+            // Only the rows x cols outputs inside Y, packed in `out` row after row.
+            ConvTile3For<kLanes>(rows, cols)(in, order, starts, buckets, filters, sum, out);
+            for (int64_t p = 0; p < rows * cols; ++p) {
+              const int64_t oy = p / cols, ox = p % cols;
+              float* dst = job.y + ((n * g.m + m0) * g.out_h + y0 + oy) * g.out_w + x0 + ox;
+              for (int64_t l = 0; l < lanes; ++l) {
+                const float v = out[p * kLanes + l] + bias[l];
+                dst[l * g.out_h * g.out_w] = job.relu ? std::max(v, 0.0f) : v;
+              }
+            }
+            continue;
+          } else {
+            ConvGroup<kLanes, kPixels>(in, order, starts, buckets, filters, taps, sum, out);
+          }
+          for (int64_t p = 0; p < kPixels; ++p) {
+            const int64_t pixel = group * kPixels + p, oy = pixel / tile, ox = pixel % tile;
+            if (oy >= rows || ox >= cols) continue;  // padding, or outside Y at the edges
             float* dst = job.y + ((n * g.m + m0) * g.out_h + y0 + oy) * g.out_w + x0 + ox;
             for (int64_t l = 0; l < lanes; ++l) {
               const float v = out[p * kLanes + l] + bias[l];
               dst[l * g.out_h * g.out_w] = job.relu ? std::max(v, 0.0f) : v;
             }
-          }
-          continue;
-        } else {
-          ConvGroup<kLanes, kPixels, kTile>(in, order, starts, buckets, filters, taps, sum, out);
-        }
-        for (int64_t p = 0; p < kPixels; ++p) {
-          const int64_t pixel = group * kPixels + p, oy = pixel / tile, ox = pixel % tile;
-          if (oy >= rows || ox >= cols) continue;  // padding, or outside Y at the edges
-          float* dst = job.y + ((n * g.m + m0) * g.out_h + y0 + oy) * g.out_w + x0 + ox;
-          for (int64_t l = 0; l < lanes; ++l) {
-            const float v = out[p * kLanes + l] + bias[l];
-            dst[l * g.out_h * g.out_w] = job.relu ? std::max(v, 0.0f) : v;
           }
         }
       }
@@ -391,28 +495,28 @@ __attribute__((always_inline)) inline void ConvRowWith(const Job& job, int64_t n
   }
 }
 
-// ConvRowWith for the pixel group size of the run.
+// ConvWith for the pixel group size of the run.
 template <int kLanes, int kPixels = kMaxPixels>
-__attribute__((always_inline)) inline void ConvRowAny(const Job& job, int64_t n, int64_t ty,
-                                                      const RowBuckets& row) {
+__attribute__((always_inline)) inline void ConvAny(const Job& job, const ChunkBuckets& chunk,
+                                                   const WorkItem& item) {
   if constexpr (kPixels == kMaxPixels) {
-    if (job.compact) return ConvRowWith<kLanes, 9, 3>(job, n, ty, row);
+    if (job.compact) return ConvWith<kLanes, 9, 3>(job, chunk, item);
   }
   if constexpr (kPixels > 1) {
-    if (job.split.pixels < kPixels) return ConvRowAny<kLanes, kPixels - 1>(job, n, ty, row);
+    if (job.split.pixels < kPixels) return ConvAny<kLanes, kPixels - 1>(job, chunk, item);
   }
-  ConvRowWith<kLanes, kPixels, 0>(job, n, ty, row);
+  ConvWith<kLanes, kPixels, 0>(job, chunk, item);
 }
 
 #if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
-__attribute__((target("avx2,fma"))) void ConvRowAvx2(const Job& job, int64_t n, int64_t ty,
-                                                     const RowBuckets& row) {
-  ConvRowAny<8>(job, n, ty, row);
+__attribute__((target("avx2,fma"))) void ConvAvx2(const Job& job, const ChunkBuckets& chunk,
+                                                  const WorkItem& item) {
+  ConvAny<8>(job, chunk, item);
 }
 #endif
 
-void ConvRowPortable(const Job& job, int64_t n, int64_t ty, const RowBuckets& row) {
-  ConvRowAny<4>(job, n, ty, row);
+void ConvPortable(const Job& job, const ChunkBuckets& chunk, const WorkItem& item) {
+  ConvAny<4>(job, chunk, item);
 }
 
 bool HasAvx2() {
@@ -426,11 +530,11 @@ bool HasAvx2() {
 
 // The kernel for filters packed `lanes` wide: eight lanes on x86-64 CPUs with AVX2 and FMA, else
 // the portable four.
-ConvRowFn ConvRowFor(int64_t lanes) {
+ConvFn ConvFor(int64_t lanes) {
 #if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
-  if (lanes == 8) return ConvRowAvx2;
+  if (lanes == 8) return ConvAvx2;
 #endif
-  return lanes == 4 ? ConvRowPortable : nullptr;
+  return lanes == 4 ? ConvPortable : nullptr;
 }
 
 // Sorts keys (code, channel), given in channel order, by code and then channel: a stable radix
@@ -454,17 +558,15 @@ struct RowScratch {
   std::vector<std::pair<uint64_t, int32_t>> keys, spare_keys;  // (code, channel), sorted
   std::vector<int32_t> leader, size;  // per channel first in its bucket: where its run starts
   std::vector<int64_t> gather;        // [groups, K*K, pixels]: patch offset, or -1 for padding
-  RowBuckets row;
 };
 
-// Hashes and buckets one row of output tiles of one image, then convolves it. Work items write
-// disjoint parts of Y.
-void RunTileRow(const Job& job, int64_t index) {
+// Hashes and buckets row `row` of a chunk of output tiles, and lays out its buckets' inputs.
+// Rows write disjoint parts of the chunk.
+void HashRow(const Job& job, ChunkBuckets& chunk, int64_t row) {
   const Geometry& g = job.g;
-  const int64_t n = index / g.tiles_y, ty = index % g.tiles_y;
+  const int64_t n = (chunk.first_row + row) / g.tiles_y, ty = (chunk.first_row + row) % g.tiles_y;
   const int64_t p2 = g.patch * g.patch, taps = g.k * g.k;
   const int64_t groups = job.split.groups, pixels = job.split.pixels;
-  const int64_t per_bucket = job.compact ? p2 : groups * taps * pixels;
   thread_local RowScratch s;
   s.patch.resize(g.c * p2);
   s.merged.resize(p2);
@@ -476,11 +578,6 @@ void RunTileRow(const Job& job, int64_t index) {
   s.leader.resize(g.c);
   s.size.resize(g.c);
   s.gather.resize(groups * taps * pixels);
-  RowBuckets& row = s.row;
-  row.order.resize(g.tiles_x * g.c);
-  row.starts.resize(g.tiles_x * (g.c + 1));
-  row.count.resize(g.tiles_x);
-  row.input.resize(g.tiles_x);
   for (int64_t group = 0; group < groups; ++group) {
     for (int64_t t = 0; t < taps; ++t) {
       for (int64_t p = 0; p < pixels; ++p) {
@@ -494,8 +591,8 @@ void RunTileRow(const Job& job, int64_t index) {
   }
   const float* image = job.x + n * g.c * g.h * g.w;
 
-  int64_t used = 0;  // floats of row.inputs filled
   for (int64_t tx = 0; tx < g.tiles_x; ++tx) {
+    const int64_t t = row * g.tiles_x + tx;
     GatherPatch(g, image, ty, tx, s.patch.data());
     HashPatch(s.patch.data(), g.c, p2, *job.planes, s.mean.data(), s.centered.data(),
               s.codes.data());
@@ -504,8 +601,8 @@ void RunTileRow(const Job& job, int64_t index) {
 
     // Buckets are runs of equal codes. A bucket of one channel reads its patch; a larger one
     // the mean of its patches.
-    int32_t* order = row.order.data() + tx * g.c;
-    int32_t* starts = row.starts.data() + tx * (g.c + 1);
+    int32_t* order = chunk.order.data() + t * g.c;
+    int32_t* starts = chunk.starts.data() + t * (g.c + 1);
     // Buckets of one size go in the order of their first channel, so that the kernel walks the
     // filters forwards; channels stay in ascending order in each bucket.
     std::fill(s.leader.begin(), s.leader.end(), -1);
@@ -530,10 +627,8 @@ void RunTileRow(const Job& job, int64_t index) {
       }
     }
     starts[buckets] = static_cast<int32_t>(g.c);
-    row.count[tx] = buckets;
-    row.input[tx] = used;
-    used += buckets * per_bucket;
-    if (row.inputs.size() < static_cast<size_t>(used)) row.inputs.resize(used);
+    chunk.count[t] = buckets;
+    float* inputs = chunk.inputs.data() + t * chunk.per_tile;
     for (int64_t b = 0; b < buckets; ++b) {
       const float* in = s.patch.data() + order[starts[b]] * p2;
       const int64_t size = starts[b + 1] - starts[b];
@@ -549,18 +644,101 @@ void RunTileRow(const Job& job, int64_t index) {
         in = merged;
       }
       if (job.compact) {
-        float* dst = row.inputs.data() + row.input[tx] + b * p2;
+        float* dst = inputs + b * p2;
         for (int64_t j = 0; j < p2; ++j) dst[j] = in[j];  // short: a loop beats a memmove call
         continue;
       }
       for (int64_t group = 0; group < groups; ++group) {
-        float* dst = row.inputs.data() + row.input[tx] + (group * buckets + b) * taps * pixels;
+        float* dst = inputs + (group * buckets + b) * taps * pixels;
         const int64_t* gather = s.gather.data() + group * taps * pixels;
         for (int64_t j = 0; j < taps * pixels; ++j) dst[j] = gather[j] >= 0 ? in[gather[j]] : 0.0f;
       }
     }
   }
-  job.conv_row(job, n, ty, row);
+}
+
+// Inputs of at most this many floats are laid out at once (a chunk of tile rows, at least one).
+constexpr int64_t kChunkFloats = int64_t{1} << 21;
+// A work item's tile inputs stay under this many floats, so that they stay in L2 while the filter
+// blocks go by; and it covers at most this many filter blocks, so that work items can be shared
+// between threads even when one group holds every row.
+constexpr int64_t kGroupFloats = int64_t{48} << 10;
+constexpr int64_t kItemBlocks = 8;
+
+// Runs `body(data, index)` for index in [0, count) on onnxruntime's thread pool; a
+// std::bad_alloc in a task fails the job (exceptions must not reach the thread pool).
+template <typename Data>
+void ParallelFor(const Ort::KernelContext& context, Job& job, Data& data, int64_t count,
+                 void (*body)(const Job&, Data&, int64_t)) {
+  struct Task {
+    Job& job;
+    Data& data;
+    void (*body)(const Job&, Data&, int64_t);
+  } task{job, data, body};
+  context.ParallelFor(
+      [](void* raw, size_t index) {
+        Task& task = *static_cast<Task*>(raw);
+        try {
+          task.body(task.job, task.data, static_cast<int64_t>(index));
+        } catch (...) {
+          task.job.failed = true;
+        }
+      },
+      static_cast<size_t>(count), 0, &task);
+  if (job.failed) throw std::bad_alloc();
+}
+
+// Hashes and convolves every tile of the batch, chunk of tile rows after chunk: first every row of
+// the chunk is hashed and bucketed, then the chunk is convolved in work items of a few rows and
+// filter blocks.
+void RunJob(const Ort::KernelContext& context, Job& job) {
+  const Geometry& g = job.g;
+  const int64_t per_bucket =
+      job.compact ? g.patch * g.patch : job.split.groups * g.k * g.k * job.split.pixels;
+  // Kept by the calling thread from run to run: allocating (and page-faulting) megabytes on every
+  // run costs more than small layers take. One thread runs one job at a time.
+  thread_local ChunkBuckets chunk;
+  chunk.per_tile = g.c * per_bucket;
+  const int64_t total_rows = g.n * g.tiles_y, row_floats = g.tiles_x * chunk.per_tile;
+  const int64_t chunk_rows = std::clamp<int64_t>(kChunkFloats / row_floats, 1, total_rows);
+  const int64_t tiles = chunk_rows * g.tiles_x, blocks = (g.m + job.lanes - 1) / job.lanes;
+  chunk.order.resize(tiles * g.c);
+  chunk.starts.resize(tiles * (g.c + 1));
+  chunk.count.resize(tiles);
+  chunk.inputs.resize(tiles * chunk.per_tile);
+  std::vector<WorkItem> items;
+  for (chunk.first_row = 0; chunk.first_row < total_rows; chunk.first_row += chunk.rows) {
+    chunk.rows = std::min(chunk_rows, total_rows - chunk.first_row);
+    ParallelFor<ChunkBuckets>(context, job, chunk, chunk.rows,
+                              [](const Job& job, ChunkBuckets& chunk, int64_t row) {
+                                HashRow(job, chunk, row);
+                              });
+    // Groups of consecutive rows whose inputs fit in kGroupFloats, times ranges of filter blocks.
+    items.clear();
+    const int64_t splits = (blocks + kItemBlocks - 1) / kItemBlocks;
+    for (int64_t begin = 0, end; begin < chunk.rows; begin = end) {
+      int64_t floats = 0;
+      for (end = begin; end < chunk.rows; ++end) {
+        int64_t row_used = 0;
+        for (int64_t tx = 0; tx < g.tiles_x; ++tx) {
+          row_used += chunk.count[end * g.tiles_x + tx] * per_bucket;
+        }
+        if (end > begin && floats + row_used > kGroupFloats) break;
+        floats += row_used;
+      }
+      for (int64_t split = 0; split < splits; ++split) {
+        items.push_back({begin, end, blocks * split / splits, blocks * (split + 1) / splits});
+      }
+    }
+    struct Conv {
+      const ChunkBuckets& chunk;
+      const std::vector<WorkItem>& items;
+    } conv{chunk, items};
+    ParallelFor<Conv>(context, job, conv, static_cast<int64_t>(items.size()),
+                      [](const Job& job, Conv& conv, int64_t index) {
+                        job.conv(job, conv.chunk, conv.items[index]);
+                      });
+  }
 }
 
 const char* TypeName(ONNXTensorElementDataType type) {
@@ -744,18 +922,9 @@ void HasteConvKernel::Compute(const Ort::KernelContext& context) const {
           bias != nullptr ? bias.GetTensorData<float>() : nullptr,
           &sparse_planes,
           attrs_.relu,
-          ConvRowFor(packed->lanes),
+          ConvFor(packed->lanes),
           y.GetTensorMutableData<float>()};
-  context.ParallelFor(
-      [](void* data, size_t index) {
-        Job& job = *static_cast<Job*>(data);
-        try {
-          RunTileRow(job, static_cast<int64_t>(index));
-        } catch (...) {  // only std::bad_alloc; exceptions must not reach the thread pool
-          job.failed = true;
-        }
-      },
-      static_cast<size_t>(g.n * g.tiles_y), 0, &job);
+  RunJob(context, job);
   if (job.failed) throw std::bad_alloc();
 }
 
