@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <limits>
 #include <new>
 #include <numeric>
@@ -76,6 +77,13 @@ Geometry MakeGeometry(const Shape& x, const Shape& w, const HasteConvAttributes&
 void GatherPatch(const Geometry& g, const float* image, int64_t ty, int64_t tx, float* patch) {
   const int64_t p = g.patch, y0 = ty * g.tile - g.pad_top, x0 = tx * g.tile - g.pad_left;
   const int64_t lo = std::clamp<int64_t>(-x0, 0, p), hi = std::clamp<int64_t>(g.w - x0, lo, p);
+  if (p == 5 && lo == 0 && hi == p && y0 >= 0 && y0 + p <= g.h) {  // inside, T = 3 and K = 3
+    const float* src = image + y0 * g.w + x0;
+    for (int64_t c = 0; c < g.c; ++c, src += g.h * g.w, patch += 25) {
+      for (int py = 0; py < 5; ++py) std::memcpy(patch + py * 5, src + py * g.w, 5 * sizeof(float));
+    }
+    return;
+  }
   if (lo > 0 || hi < p || y0 < 0 || y0 + p > g.h) std::fill(patch, patch + g.c * p * p, 0.0f);
   for (int64_t c = 0; c < g.c; ++c) {
     for (int64_t py = 0; py < p; ++py) {
@@ -89,7 +97,7 @@ void GatherPatch(const Geometry& g, const float* image, int64_t ty, int64_t tx, 
 }
 
 // Channels are hashed kHashBlock at a time, their projections summed in registers.
-constexpr int64_t kHashBlock = 8;
+constexpr int64_t kHashBlock = 16;
 
 // Channels rounded up to whole hash blocks: the row length of the centered patch.
 int64_t HashWidth(int64_t channels) {
@@ -128,31 +136,78 @@ __attribute__((always_inline)) inline void HashPatchWith(const float* patch, int
                                                          double* mean, double* centered,
                                                          uint64_t* codes) {
   typedef double Vec __attribute__((vector_size(kDoubles * sizeof(double)), may_alias, aligned(8)));
+  typedef int64_t Bits __attribute__((vector_size(kDoubles * sizeof(int64_t))));
+  typedef float Quad __attribute__((vector_size(4 * sizeof(float)), may_alias, aligned(4)));
+  typedef int32_t Pick __attribute__((vector_size(4 * sizeof(int32_t))));
+  typedef double Doubles4 __attribute__((vector_size(4 * sizeof(double)), may_alias, aligned(8)));
   const int64_t width = HashWidth(channels);
-  std::copy(patch, patch + dim, mean);
-  for (int64_t c = 1; c < channels; ++c) {
-    for (int64_t j = 0; j < dim; ++j) mean[j] += patch[c * dim + j];
+  // The mean, 16 positions at a time summed in registers (each position over c in order).
+  int64_t j0 = 0;
+  for (; j0 + 16 <= dim; j0 += 16) {
+    Doubles4 s0 = {}, s1 = {}, s2 = {}, s3 = {};  // not an array: the compiler spilled one
+    for (const float* v = patch + j0; v < patch + channels * dim; v += dim) {
+      s0 += __builtin_convertvector(*reinterpret_cast<const Quad*>(v), Doubles4);
+      s1 += __builtin_convertvector(*reinterpret_cast<const Quad*>(v + 4), Doubles4);
+      s2 += __builtin_convertvector(*reinterpret_cast<const Quad*>(v + 8), Doubles4);
+      s3 += __builtin_convertvector(*reinterpret_cast<const Quad*>(v + 12), Doubles4);
+    }
+    *reinterpret_cast<Doubles4*>(mean + j0) = s0;
+    *reinterpret_cast<Doubles4*>(mean + j0 + 4) = s1;
+    *reinterpret_cast<Doubles4*>(mean + j0 + 8) = s2;
+    *reinterpret_cast<Doubles4*>(mean + j0 + 12) = s3;
+  }
+  std::fill(mean + j0, mean + dim, 0.0);
+  for (int64_t c = 0; c < channels; ++c) {
+    for (int64_t j = j0; j < dim; ++j) mean[j] += patch[c * dim + j];
   }
   for (int64_t j = 0; j < dim; ++j) mean[j] /= static_cast<double>(channels);
-  for (int64_t j = 0; j < dim; ++j) {
-    double* row = centered + j * width;
-    for (int64_t c = 0; c < channels; ++c) row[c] = patch[c * dim + j] - mean[j];
-    std::fill(row + channels, row + width, 0.0);  // the last block's spare lanes
+  // centered [D, width] = patch transposed, minus the mean: 4 x 4 blocks of channels x positions
+  // transposed in registers (the last block of positions overlaps the one before it when 4 does
+  // not divide D; it writes the same values again), leftover channels one by one.
+  int64_t c = 0;
+  if (dim >= 4) {
+    for (; c + 4 <= channels; c += 4) {
+      for (int64_t j0 = 0; j0 < dim; j0 += 4) {
+        const int64_t j = std::min(j0, dim - 4);
+        const Quad r0 = *reinterpret_cast<const Quad*>(patch + c * dim + j);
+        const Quad r1 = *reinterpret_cast<const Quad*>(patch + (c + 1) * dim + j);
+        const Quad r2 = *reinterpret_cast<const Quad*>(patch + (c + 2) * dim + j);
+        const Quad r3 = *reinterpret_cast<const Quad*>(patch + (c + 3) * dim + j);
+        const Quad t0 = __builtin_shuffle(r0, r1, Pick{0, 4, 1, 5});
+        const Quad t1 = __builtin_shuffle(r0, r1, Pick{2, 6, 3, 7});
+        const Quad t2 = __builtin_shuffle(r2, r3, Pick{0, 4, 1, 5});
+        const Quad t3 = __builtin_shuffle(r2, r3, Pick{2, 6, 3, 7});
+        const Quad column[4] = {
+            __builtin_shuffle(t0, t2, Pick{0, 1, 4, 5}), __builtin_shuffle(t0, t2, Pick{2, 3, 6, 7}),
+            __builtin_shuffle(t1, t3, Pick{0, 1, 4, 5}), __builtin_shuffle(t1, t3, Pick{2, 3, 6, 7})};
+        for (int k = 0; k < 4; ++k) {
+          *reinterpret_cast<Doubles4*>(centered + (j + k) * width + c) =
+              __builtin_convertvector(column[k], Doubles4) - mean[j + k];
+        }
+      }
+    }
   }
+  for (; c < channels; ++c) {
+    for (int64_t j = 0; j < dim; ++j) centered[j * width + c] = patch[c * dim + j] - mean[j];
+  }
+  for (int64_t j = 0; j < dim; ++j) {
+    std::fill(centered + j * width + channels, centered + (j + 1) * width, 0.0);  // spare lanes
+  }
+  // Bit l of each code is set in kDoubles-wide integer vectors: a comparison gives all ones.
+  constexpr int64_t kVectors = kHashBlock / kDoubles;
   for (int64_t c0 = 0; c0 < channels; c0 += kHashBlock) {
-    const int64_t count = std::min(kHashBlock, channels - c0);
-    uint64_t block_codes[kHashBlock] = {};
+    Bits bits[kVectors] = {};
     for (int64_t l = 0; l < planes.size(); ++l) {
-      Vec dots[kHashBlock / kDoubles] = {};
+      Vec dots[kVectors] = {};
       for (int64_t e = planes.start[l]; e < planes.start[l + 1]; ++e) {
         const double p = planes.value[e];
         const Vec* u = reinterpret_cast<const Vec*>(centered + planes.index[e] * width + c0);
-        for (int64_t i = 0; i < kHashBlock / kDoubles; ++i) dots[i] += p * u[i];
+        for (int64_t i = 0; i < kVectors; ++i) dots[i] += p * u[i];
       }
-      for (int64_t i = 0; i < kHashBlock; ++i)
-        block_codes[i] |= uint64_t{dots[i / kDoubles][i % kDoubles] > 0.0} << l;
+      for (int64_t i = 0; i < kVectors; ++i) bits[i] |= (dots[i] > 0.0) & (int64_t{1} << l);
     }
-    std::copy(block_codes, block_codes + count, codes + c0);
+    const int64_t count = std::min(kHashBlock, channels - c0);
+    for (int64_t i = 0; i < count; ++i) codes[c0 + i] = bits[i / kDoubles][i % kDoubles];
   }
 }
 
@@ -353,9 +408,12 @@ __attribute__((always_inline)) inline void Tile3Bucket(const float* v, const flo
 
 // out [kRows * kCols, kLanes] = the reduced convolution of one T = 3, K = 3 tile (its kRows x
 // kCols outputs inside Y) for the output channels of one filter block [C, 9, kLanes]; `in` holds
-// each bucket's 5x5 input, [buckets, 25]. Buckets come single channels first, then pairs, then
-// larger ones (HashRow orders them so): each kind has a loop of its own. A pair sums its
-// filters in registers, a larger bucket tap by tap into wsum [9, kLanes] first.
+// the tile's 5x5 patches [C, 25], where each bucket reads the one of its first channel (HashRow
+// put the bucket's mean there). Buckets come single channels first, then pairs, then larger ones
+// (HashRow orders them so): each kind has a loop of its own. A pair sums its filters in
+// registers. The larger buckets' filters are summed before anything else, into wsum [buckets, 9,
+// kLanes]: nine independent sums in registers (one per tap, over the bucket's channels) run at
+// the adders' throughput, and no accumulator of the tile is live yet to spill.
 template <int kLanes, int kRows, int kCols>
 __attribute__((always_inline)) inline void ConvTile3With(const float* in, const int32_t* order,
                                                          const int32_t* starts, int64_t buckets,
@@ -371,27 +429,35 @@ __attribute__((always_inline)) inline void ConvTile3With(const float* in, const 
       for (int64_t j = 0; j < kStride; j += 64 / sizeof(float)) __builtin_prefetch(next + j);
     }
   };
+  int64_t large = buckets;  // the first larger bucket
+  while (large > 0 && starts[large] - starts[large - 1] > 2) --large;
+  Vec* sums = reinterpret_cast<Vec*>(wsum);
+  for (int64_t b = large; b < buckets; ++b) {
+    prefetch(b + 1);
+    Vec sum[9];
+    for (int t = 0; t < 9; ++t) sum[t] = w[order[starts[b]] * 9 + t];
+    for (int32_t i = starts[b] + 1; i < starts[b + 1]; ++i) {
+      for (int t = 0; t < 9; ++t) sum[t] += w[order[i] * 9 + t];
+    }
+    for (int t = 0; t < 9; ++t) sums[(b - large) * 9 + t] = sum[t];
+  }
   Vec acc[kRows * kCols] = {};
   int64_t b = 0;
   for (; b < buckets && starts[b + 1] - starts[b] == 1; ++b) {
     prefetch(b + kPrefetch);
-    Tile3Bucket<kLanes, kRows, kCols, 1>(in + b * 25, filters + order[starts[b]] * kStride, nullptr, acc);
+    const int32_t channel = order[starts[b]];
+    Tile3Bucket<kLanes, kRows, kCols, 1>(in + channel * 25, filters + channel * kStride, nullptr,
+                                         acc);
   }
-  for (; b < buckets && starts[b + 1] - starts[b] == 2; ++b) {
-    prefetch(b + kPrefetch);
+  for (; b < large; ++b) {
+    prefetch(std::min(b + kPrefetch, large));
     const int32_t* channel = order + starts[b];
-    Tile3Bucket<kLanes, kRows, kCols, 2>(in + b * 25, filters + channel[0] * kStride,
+    Tile3Bucket<kLanes, kRows, kCols, 2>(in + channel[0] * 25, filters + channel[0] * kStride,
                                            filters + channel[1] * kStride, acc);
   }
-  Vec* sum = reinterpret_cast<Vec*>(wsum);
   for (; b < buckets; ++b) {
-    prefetch(b + kPrefetch);
-    for (int t = 0; t < 9; ++t) {  // tap by tap: one register, the accumulators stay put
-      Vec s = w[order[starts[b]] * 9 + t];
-      for (int32_t i = starts[b] + 1; i < starts[b + 1]; ++i) s += w[order[i] * 9 + t];
-      sum[t] = s;
-    }
-    Tile3Bucket<kLanes, kRows, kCols, 1>(in + b * 25, wsum, nullptr, acc);
+    Tile3Bucket<kLanes, kRows, kCols, 1>(in + order[starts[b]] * 25,
+                                         wsum + (b - large) * kStride, nullptr, acc);
   }
   for (int p = 0; p < kRows * kCols; ++p) reinterpret_cast<Vec*>(out)[p] = acc[p];
 }
@@ -445,9 +511,12 @@ __attribute__((always_inline)) inline void ConvWith(const Job& job, const ChunkB
                                                     const WorkItem& item) {
   const Geometry& g = job.g;
   const int64_t taps = g.k * g.k, groups = job.split.groups, tile = g.tile;
-  float wsum[kLanes * 128], out[kPixels * kLanes];
-  std::vector<float> big_wsum(taps > 128 ? taps * kLanes : 0);
-  float* sum = taps > 128 ? big_wsum.data() : wsum;
+  float out[kPixels * kLanes];
+  // Summed filters: one bucket's [K*K, kLanes], or with T = 3 those of a tile's buckets of three
+  // channels or more, [C / 3, 9, kLanes].
+  thread_local std::vector<float> wsum;
+  wsum.resize(std::max(taps, (g.c / 3 + 1) * 9) * kLanes);
+  float* sum = wsum.data();
   for (int64_t block = item.block_begin; block < item.block_end; ++block) {
     const int64_t m0 = block * kLanes;
     const float* filters = job.filters + m0 * g.c * taps;
@@ -537,17 +606,28 @@ ConvFn ConvFor(int64_t lanes) {
   return lanes == 4 ? ConvPortable : nullptr;
 }
 
-// Sorts keys (code, channel), given in channel order, by code and then channel: a stable radix
-// sort, one pass per byte of the codes' `bits` bits.
-void SortByCode(std::vector<std::pair<uint64_t, int32_t>>& keys,
-                std::vector<std::pair<uint64_t, int32_t>>& spare, int64_t bits) {
-  for (int64_t shift = 0; shift < bits; shift += 8) {
-    size_t count[257] = {};
-    for (const auto& key : keys) ++count[((key.first >> shift) & 255) + 1];
-    for (int i = 0; i < 256; ++i) count[i + 1] += count[i];
-    for (const auto& key : keys) spare[count[(key.first >> shift) & 255]++] = key;
-    keys.swap(spare);
+// Groups channels by equal codes: bucket[c] for each of the C channels, buckets numbered in the
+// order of their first channel; size[b] channels each. Returns the number of buckets. `slots` is
+// an open-addressing table of 2^k >= 2C (code, bucket) slots, emptied here.
+int64_t GroupCodes(const uint64_t* codes, int64_t channels,
+                   std::vector<std::pair<uint64_t, int32_t>>& slots, int32_t* bucket,
+                   int32_t* size) {
+  int shift = 64;
+  while ((int64_t{1} << (64 - shift)) < 2 * channels) --shift;
+  const uint64_t mask = (uint64_t{1} << (64 - shift)) - 1;
+  slots.assign(mask + 1, {0, -1});
+  int32_t buckets = 0;
+  for (int64_t c = 0; c < channels; ++c) {
+    uint64_t i = (codes[c] * 0x9E3779B97F4A7C15ull) >> shift;  // Fibonacci hashing
+    while (slots[i].second >= 0 && slots[i].first != codes[c]) i = (i + 1) & mask;
+    if (slots[i].second < 0) {
+      slots[i] = {codes[c], buckets};
+      size[buckets++] = 0;
+    }
+    bucket[c] = slots[i].second;
+    ++size[bucket[c]];
   }
+  return buckets;
 }
 
 // Scratch of one thread, reused by its work items so that they do not allocate.
@@ -555,9 +635,9 @@ struct RowScratch {
   std::vector<float> patch, merged;
   std::vector<double> mean, centered;
   std::vector<uint64_t> codes;
-  std::vector<std::pair<uint64_t, int32_t>> keys, spare_keys;  // (code, channel), sorted
-  std::vector<int32_t> leader, size;  // per channel first in its bucket: where its run starts
-  std::vector<int64_t> gather;        // [groups, K*K, pixels]: patch offset, or -1 for padding
+  std::vector<std::pair<uint64_t, int32_t>> slots;  // GroupCodes' table
+  std::vector<int32_t> bucket, size, rank;          // per channel, per bucket, per bucket
+  std::vector<int64_t> gather;  // [groups, K*K, pixels]: patch offset, or -1 for padding
 };
 
 // Hashes and buckets row `row` of a chunk of output tiles, and lays out its buckets' inputs.
@@ -573,10 +653,9 @@ void HashRow(const Job& job, ChunkBuckets& chunk, int64_t row) {
   s.mean.resize(p2);
   s.centered.resize(p2 * HashWidth(g.c));
   s.codes.resize(g.c);
-  s.keys.resize(g.c);
-  s.spare_keys.resize(g.c);
-  s.leader.resize(g.c);
+  s.bucket.resize(g.c);
   s.size.resize(g.c);
+  s.rank.resize(g.c + 1);
   s.gather.resize(groups * taps * pixels);
   for (int64_t group = 0; group < groups; ++group) {
     for (int64_t t = 0; t < taps; ++t) {
@@ -593,61 +672,48 @@ void HashRow(const Job& job, ChunkBuckets& chunk, int64_t row) {
 
   for (int64_t tx = 0; tx < g.tiles_x; ++tx) {
     const int64_t t = row * g.tiles_x + tx;
-    GatherPatch(g, image, ty, tx, s.patch.data());
-    HashPatch(s.patch.data(), g.c, p2, *job.planes, s.mean.data(), s.centered.data(),
-              s.codes.data());
-    for (int64_t c = 0; c < g.c; ++c) s.keys[c] = {s.codes[c], static_cast<int32_t>(c)};
-    SortByCode(s.keys, s.spare_keys, job.planes->size());
+    // With Job::compact the patch goes straight into the tile's inputs, [C, P*P], where each
+    // bucket's kernel reads the patch of its first channel, replaced by the bucket's mean.
+    float* inputs = chunk.inputs.data() + t * chunk.per_tile;
+    float* patch = job.compact ? inputs : s.patch.data();
+    GatherPatch(g, image, ty, tx, patch);
+    HashPatch(patch, g.c, p2, *job.planes, s.mean.data(), s.centered.data(), s.codes.data());
+    const int64_t buckets =
+        GroupCodes(s.codes.data(), g.c, s.slots, s.bucket.data(), s.size.data());
+    chunk.count[t] = buckets;
 
-    // Buckets are runs of equal codes. A bucket of one channel reads its patch; a larger one
-    // the mean of its patches.
+    // Single channels come first, then pairs, then larger buckets (the kernel has a loop for
+    // each), each kind in the order of its first channel, so that the kernel walks the filters
+    // forwards; channels stay in ascending order in each bucket.
     int32_t* order = chunk.order.data() + t * g.c;
     int32_t* starts = chunk.starts.data() + t * (g.c + 1);
-    // Buckets of one size go in the order of their first channel, so that the kernel walks the
-    // filters forwards; channels stay in ascending order in each bucket.
-    std::fill(s.leader.begin(), s.leader.end(), -1);
-    for (int64_t i = 0, first = 0; i < g.c; ++i) {
-      if (i == 0 || s.keys[i].first != s.keys[i - 1].first) first = i;
-      if (i + 1 == g.c || s.keys[i + 1].first != s.keys[i].first) {
-        s.leader[s.keys[first].second] = static_cast<int32_t>(first);
-        s.size[s.keys[first].second] = static_cast<int32_t>(i + 1 - first);
-      }
-    }
-    // Single channels come first, then pairs, then larger buckets: the kernel branches on the
-    // size, and runs of equal sizes keep that branch predictable.
-    int64_t buckets = 0, filled = 0;
-    for (int32_t lo : {1, 2, 3}) {
-      const int32_t hi = lo < 3 ? lo : std::numeric_limits<int32_t>::max();
-      for (int64_t c = 0; c < g.c; ++c) {
-        if (s.leader[c] < 0 || s.size[c] < lo || s.size[c] > hi) continue;
-        starts[buckets++] = static_cast<int32_t>(filled);
-        for (int64_t i = s.leader[c]; i < s.leader[c] + s.size[c]; ++i) {
-          order[filled++] = s.keys[i].second;
-        }
-      }
-    }
-    starts[buckets] = static_cast<int32_t>(g.c);
-    chunk.count[t] = buckets;
-    float* inputs = chunk.inputs.data() + t * chunk.per_tile;
+    int32_t next[3] = {0, 0, 0};
+    for (int64_t b = 0; b < buckets; ++b) ++next[std::min(s.size[b], 3) - 1];
+    next[2] = next[0] + next[1], next[1] = next[0], next[0] = 0;
+    starts[0] = 0;
     for (int64_t b = 0; b < buckets; ++b) {
-      const float* in = s.patch.data() + order[starts[b]] * p2;
+      s.rank[b] = next[std::min(s.size[b], 3) - 1]++;
+      starts[s.rank[b] + 1] = s.size[b];
+    }
+    for (int64_t b = 0; b < buckets; ++b) starts[b + 1] += starts[b];
+    for (int64_t b = 0; b < buckets; ++b) s.rank[b] = starts[s.rank[b]];  // where it fills from
+    for (int64_t c = 0; c < g.c; ++c) order[s.rank[s.bucket[c]]++] = static_cast<int32_t>(c);
+
+    for (int64_t b = 0; b < buckets; ++b) {
       const int64_t size = starts[b + 1] - starts[b];
-      if (size > 1) {
-        float* merged = s.merged.data();
-        std::copy(in, in + p2, merged);
+      float* in = patch + order[starts[b]] * p2;
+      if (size > 1) {  // the mean of the bucket's patches
+        float* merged = job.compact ? in : s.merged.data();
+        if (merged != in) std::copy(in, in + p2, merged);
         for (int64_t i = starts[b] + 1; i < starts[b + 1]; ++i) {
-          const float* more = s.patch.data() + order[i] * p2;
+          const float* more = patch + order[i] * p2;
           for (int64_t j = 0; j < p2; ++j) merged[j] += more[j];
         }
         const float scale = 1.0f / static_cast<float>(size);
         for (int64_t j = 0; j < p2; ++j) merged[j] *= scale;
         in = merged;
       }
-      if (job.compact) {
-        float* dst = inputs + b * p2;
-        for (int64_t j = 0; j < p2; ++j) dst[j] = in[j];  // short: a loop beats a memmove call
-        continue;
-      }
+      if (job.compact) continue;
       for (int64_t group = 0; group < groups; ++group) {
         float* dst = inputs + (group * buckets + b) * taps * pixels;
         const int64_t* gather = s.gather.data() + group * taps * pixels;
