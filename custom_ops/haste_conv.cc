@@ -72,27 +72,40 @@ Geometry MakeGeometry(const Shape& x, const Shape& w, const HasteConvAttributes&
   return g;
 }
 
-// Copies the P x P patch that output tile (ty, tx) reads from one image [C, H, W] into
-// patch [C, P*P]; positions outside the input are zero.
-void GatherPatch(const Geometry& g, const float* image, int64_t ty, int64_t tx, float* patch) {
-  const int64_t p = g.patch, y0 = ty * g.tile - g.pad_top, x0 = tx * g.tile - g.pad_left;
-  const int64_t lo = std::clamp<int64_t>(-x0, 0, p), hi = std::clamp<int64_t>(g.w - x0, lo, p);
-  if (p == 5 && lo == 0 && hi == p && y0 >= 0 && y0 + p <= g.h) {  // inside, T = 3 and K = 3
-    const float* src = image + y0 * g.w + x0;
-    for (int64_t c = 0; c < g.c; ++c, src += g.h * g.w, patch += 25) {
-      for (int py = 0; py < 5; ++py) std::memcpy(patch + py * 5, src + py * g.w, 5 * sizeof(float));
+// The P input rows that row ty of output tiles reads from one image [C, H, W], zero-padded to the
+// width of the whole row of tiles: band [C, P, BandWidth(g)]. Positions outside the input are
+// zero (the padding, and beyond it where the last tile overhangs Y).
+int64_t BandWidth(const Geometry& g) { return g.tiles_x * g.tile + g.k - 1; }
+
+void FillBand(const Geometry& g, const float* image, int64_t ty, float* band) {
+  const int64_t width = BandWidth(g), y0 = ty * g.tile - g.pad_top;
+  const int64_t lo = std::min(g.pad_left, width), hi = std::min(g.pad_left + g.w, width);
+  for (int64_t c = 0; c < g.c; ++c) {
+    for (int64_t py = 0; py < g.patch; ++py, band += width) {
+      const int64_t iy = y0 + py;
+      if (iy < 0 || iy >= g.h) {
+        std::fill(band, band + width, 0.0f);
+        continue;
+      }
+      std::fill(band, band + lo, 0.0f);
+      std::copy(image + (c * g.h + iy) * g.w, image + (c * g.h + iy) * g.w + (hi - lo), band + lo);
+      std::fill(band + hi, band + width, 0.0f);
+    }
+  }
+}
+
+// Copies the P x P patch of output tile tx from band (FillBand) into patch [C, P*P].
+void GatherPatch(const Geometry& g, const float* band, int64_t tx, float* patch) {
+  const int64_t width = BandWidth(g);
+  const float* src = band + tx * g.tile;
+  if (g.patch == 5) {  // T = 3 and K = 3: fixed-size copies
+    for (int64_t row = 0; row < g.c * 5; ++row, src += width, patch += 5) {
+      std::memcpy(patch, src, 5 * sizeof(float));
     }
     return;
   }
-  if (lo > 0 || hi < p || y0 < 0 || y0 + p > g.h) std::fill(patch, patch + g.c * p * p, 0.0f);
-  for (int64_t c = 0; c < g.c; ++c) {
-    for (int64_t py = 0; py < p; ++py) {
-      const int64_t iy = y0 + py;
-      if (iy < 0 || iy >= g.h || lo == hi) continue;
-      const float* src = image + (c * g.h + iy) * g.w + x0 + lo;
-      float* dst = patch + (c * p + py) * p + lo;
-      for (int64_t i = 0; i < hi - lo; ++i) dst[i] = src[i];  // a few floats: no memmove call
-    }
+  for (int64_t row = 0; row < g.c * g.patch; ++row, src += width, patch += g.patch) {
+    std::copy(src, src + g.patch, patch);
   }
 }
 
@@ -537,12 +550,14 @@ __attribute__((always_inline)) inline void ConvWith(const Job& job, const ChunkB
           if constexpr (kTile == 3) {
             // Only the rows x cols outputs inside Y, packed in `out` row after row.
             ConvTile3For<kLanes>(rows, cols)(in, order, starts, buckets, filters, sum, out);
-            for (int64_t p = 0; p < rows * cols; ++p) {
-              const int64_t oy = p / cols, ox = p % cols;
-              float* dst = job.y + ((n * g.m + m0) * g.out_h + y0 + oy) * g.out_w + x0 + ox;
-              for (int64_t l = 0; l < lanes; ++l) {
-                const float v = out[p * kLanes + l] + bias[l];
-                dst[l * g.out_h * g.out_w] = job.relu ? std::max(v, 0.0f) : v;
+            // Channel by channel, so that each output row's few floats are stored together.
+            for (int64_t l = 0; l < lanes; ++l) {
+              float* dst = job.y + ((n * g.m + m0 + l) * g.out_h + y0) * g.out_w + x0;
+              for (int64_t oy = 0; oy < rows; ++oy, dst += g.out_w) {
+                for (int64_t ox = 0; ox < cols; ++ox) {
+                  const float v = out[(oy * cols + ox) * kLanes + l] + bias[l];
+                  dst[ox] = job.relu ? std::max(v, 0.0f) : v;
+                }
               }
             }
             continue;
@@ -630,9 +645,27 @@ int64_t GroupCodes(const uint64_t* codes, int64_t channels,
   return buckets;
 }
 
+// merged [D] = the mean of the patches [C, D] of `size` channels; D = kDim, or dim when kDim is 0.
+// merged may be the first channel's patch.
+template <int64_t kDim>
+void MeanOfPatches(const float* patch, const int32_t* channel, int64_t size, float* merged,
+                   int64_t dim = kDim) {
+  if constexpr (kDim > 0) dim = kDim;
+  const float* first = patch + channel[0] * dim;
+  float sum[kDim > 0 ? kDim : 1];
+  float* acc = kDim > 0 ? sum : merged;
+  if (acc != first) std::copy(first, first + dim, acc);
+  for (int64_t i = 1; i < size; ++i) {
+    const float* more = patch + channel[i] * dim;
+    for (int64_t j = 0; j < dim; ++j) acc[j] += more[j];
+  }
+  const float scale = 1.0f / static_cast<float>(size);
+  for (int64_t j = 0; j < dim; ++j) merged[j] = acc[j] * scale;
+}
+
 // Scratch of one thread, reused by its work items so that they do not allocate.
 struct RowScratch {
-  std::vector<float> patch, merged;
+  std::vector<float> band, patch, merged;
   std::vector<double> mean, centered;
   std::vector<uint64_t> codes;
   std::vector<std::pair<uint64_t, int32_t>> slots;  // GroupCodes' table
@@ -648,6 +681,7 @@ void HashRow(const Job& job, ChunkBuckets& chunk, int64_t row) {
   const int64_t p2 = g.patch * g.patch, taps = g.k * g.k;
   const int64_t groups = job.split.groups, pixels = job.split.pixels;
   thread_local RowScratch s;
+  s.band.resize(g.c * g.patch * BandWidth(g));
   s.patch.resize(g.c * p2);
   s.merged.resize(p2);
   s.mean.resize(p2);
@@ -668,7 +702,7 @@ void HashRow(const Job& job, ChunkBuckets& chunk, int64_t row) {
       }
     }
   }
-  const float* image = job.x + n * g.c * g.h * g.w;
+  FillBand(g, job.x + n * g.c * g.h * g.w, ty, s.band.data());
 
   for (int64_t tx = 0; tx < g.tiles_x; ++tx) {
     const int64_t t = row * g.tiles_x + tx;
@@ -676,7 +710,7 @@ void HashRow(const Job& job, ChunkBuckets& chunk, int64_t row) {
     // bucket's kernel reads the patch of its first channel, replaced by the bucket's mean.
     float* inputs = chunk.inputs.data() + t * chunk.per_tile;
     float* patch = job.compact ? inputs : s.patch.data();
-    GatherPatch(g, image, ty, tx, patch);
+    GatherPatch(g, s.band.data(), tx, patch);
     HashPatch(patch, g.c, p2, *job.planes, s.mean.data(), s.centered.data(), s.codes.data());
     const int64_t buckets =
         GroupCodes(s.codes.data(), g.c, s.slots, s.bucket.data(), s.size.data());
@@ -702,18 +736,14 @@ void HashRow(const Job& job, ChunkBuckets& chunk, int64_t row) {
     for (int64_t b = 0; b < buckets; ++b) {
       const int64_t size = starts[b + 1] - starts[b];
       float* in = patch + order[starts[b]] * p2;
-      if (size > 1) {  // the mean of the bucket's patches
-        float* merged = job.compact ? in : s.merged.data();
-        if (merged != in) std::copy(in, in + p2, merged);
-        for (int64_t i = starts[b] + 1; i < starts[b + 1]; ++i) {
-          const float* more = patch + order[i] * p2;
-          for (int64_t j = 0; j < p2; ++j) merged[j] += more[j];
-        }
-        const float scale = 1.0f / static_cast<float>(size);
-        for (int64_t j = 0; j < p2; ++j) merged[j] *= scale;
-        in = merged;
+      if (job.compact) {
+        if (size > 1) MeanOfPatches<25>(patch, order + starts[b], size, in);
+        continue;
       }
-      if (job.compact) continue;
+      if (size > 1) {
+        MeanOfPatches<0>(patch, order + starts[b], size, s.merged.data(), p2);
+        in = s.merged.data();
+      }
       for (int64_t group = 0; group < groups; ++group) {
         float* dst = inputs + (group * buckets + b) * taps * pixels;
         const int64_t* gather = s.gather.data() + group * taps * pixels;
@@ -1008,13 +1038,14 @@ extern "C" int HasteConvTileCodes(const float* x, const int64_t* x_shape, const 
     const Shape xs(x_shape, x_shape + 4);
     const Geometry g = MakeGeometry(xs, {1, xs[1], kernel, kernel}, attrs);
     const int64_t p2 = g.patch * g.patch;
-    std::vector<float> patch(g.c * p2);
+    std::vector<float> band(g.c * g.patch * BandWidth(g)), patch(g.c * p2);
     const SparsePlanes sparse_planes(planes, num_planes, p2);
     std::vector<double> mean(p2), centered(p2 * HashWidth(g.c));
     for (int64_t n = 0; n < g.n; ++n) {
       for (int64_t ty = 0; ty < g.tiles_y; ++ty) {
+        FillBand(g, x + n * g.c * g.h * g.w, ty, band.data());
         for (int64_t tx = 0; tx < g.tiles_x; ++tx) {
-          GatherPatch(g, x + n * g.c * g.h * g.w, ty, tx, patch.data());
+          GatherPatch(g, band.data(), tx, patch.data());
           const int64_t tile_index = (n * g.tiles_y + ty) * g.tiles_x + tx;
           HashPatch(patch.data(), g.c, p2, sparse_planes, mean.data(), centered.data(),
                     codes + tile_index * g.c);
