@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -38,6 +36,7 @@ from haste_onnx.opdef import DEFAULT_TILE, DOMAIN, make_node
 from haste_onnx.passes.rewrite import HasteOptions, rewrite
 from haste_onnx.reference import hash_stats
 from haste_onnx.runtime import make_session
+from haste_onnx.speed import interleaved_medians, layer_time_ratios
 
 ROOT = Path(__file__).resolve().parent.parent
 FASHION_MODELS = {
@@ -54,26 +53,6 @@ SPARSITY = 2 / 3
 LAYERS = [(64, 56), (128, 28), (256, 14), (512, 7), (64, 32), (128, 16), (256, 8), (512, 4)]
 QUICK_LAYERS = [(64, 32), (128, 16), (256, 8), (128, 28), (256, 14)]
 TARGET_RATIOS = (0.0, 0.25, 0.375, 0.5, 0.625, 0.75)
-
-
-def interleaved_medians(runs: Sequence[Callable[[], object]], repeats: int) -> list[float]:
-    """Median seconds per call of each run; the runs alternate, so that all see the same load.
-    Each sample times enough calls to last about 5 ms."""
-    for run in runs:
-        run()  # warm-up
-    batches = []
-    for run in runs:
-        start = time.perf_counter()
-        run()
-        batches.append(max(1, int(0.005 / max(time.perf_counter() - start, 1e-6))))
-    samples: list[list[float]] = [[] for _ in runs]
-    for _ in range(repeats):
-        for run, batch, times in zip(runs, batches, samples):
-            start = time.perf_counter()
-            for _ in range(batch):
-                run()
-            times.append((time.perf_counter() - start) / batch)
-    return [statistics.median(times) for times in samples]
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -359,9 +338,18 @@ def bench_models(
         original = onnx.load(path)
         input_name = original.graph.input[0].name
         feed = {input_name: next(iter(feed.values()))}
-        for num_planes in planes_list:
-            converted, _, _ = rewrite(original, HasteOptions(num_planes=num_planes))
+        for num_planes, only_faster in [(L, False) for L in planes_list] + [(planes_list[0], True)]:
+            options = HasteOptions(num_planes=num_planes)
+            converted, _, plans = rewrite(original, options)
+            if only_faster:  # as `convert --only-faster` does, timed on this feed
+                ratios = layer_time_ratios(converted, feed)
+                slower = tuple(p.name for p in plans if ratios[p.output] >= 1.0)
+                converted, _, plans = rewrite(original, replace(options, exclude=slower))
+                if not plans:
+                    print(f"| {label} | {num_planes}, only faster | - | no layer faster | - |")
+                    continue
             r = mean_r(converted, feed)
+            name = f"{num_planes}, only faster ({len(plans)} layers)" if only_faster else num_planes
             for n_threads in threads:
                 conv = ort.InferenceSession(
                     original.SerializeToString(),
@@ -371,8 +359,7 @@ def bench_models(
                 haste = make_session(converted, sess_options=session_options(n_threads))
                 timing = time_sessions(haste, conv, feed, repeats)
                 print(
-                    f"| {label} | {num_planes} | {n_threads} | {timing.ratio:.2f} | {r:.2f} |",
-                    flush=True,
+                    f"| {label} | {name} | {n_threads} | {timing.ratio:.2f} | {r:.2f} |", flush=True
                 )
 
 

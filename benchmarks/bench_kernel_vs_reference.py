@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
-from collections.abc import Callable
 
 for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_variable, "1")  # before numpy loads its BLAS
@@ -28,26 +25,9 @@ from haste_onnx.hashing import make_planes
 from haste_onnx.opdef import DOMAIN, make_node
 from haste_onnx.reference import haste_conv
 from haste_onnx.runtime import make_session
+from haste_onnx.speed import interleaved_medians
 
 PADS = (1, 1, 1, 1)
-
-
-def interleaved_medians(
-    kernel: Callable[[], object], reference: Callable[[], object], repeats: int, batch: int
-) -> tuple[float, float]:
-    """Median seconds per call of each; one reference call and `batch` kernel calls alternate,
-    so that both see the same machine load."""
-    kernel(), reference()  # warm-up
-    kernel_times, reference_times = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        reference()
-        reference_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        for _ in range(batch):
-            kernel()
-        kernel_times.append((time.perf_counter() - start) / batch)
-    return statistics.median(kernel_times), statistics.median(reference_times)
 
 
 def main() -> None:
@@ -76,10 +56,8 @@ def main() -> None:
     error = np.linalg.norm(y - y_ref) / np.linalg.norm(y_ref)
 
     kernel, reference = interleaved_medians(
-        lambda: session.run(None, {"X": x}),
-        lambda: haste_conv(x, w, planes, pads=PADS),
+        [lambda: session.run(None, {"X": x}), lambda: haste_conv(x, w, planes, pads=PADS)],
         args.repeats,
-        batch=10,
     )
     print(
         f"onnxruntime {ort.__version__}, {args.threads} intra-op thread(s), "

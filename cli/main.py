@@ -347,13 +347,22 @@ _plot_option = click.option(
     help="Where to write the converted model. Default: MODEL with .haste.onnx.",
 )
 @click.option("--force", is_flag=True, help="Write the model even if verification fails.")
+@click.option(
+    "--only-faster",
+    is_flag=True,
+    help="Time each converted layer alone against onnxruntime's Conv on the verification "
+    "inputs (1 thread) and keep as Conv those not faster as HasteConv on this machine. The "
+    "output then depends on the machine and its load.",
+)
 @_plot_option
 @_plane_options
 @_policy_options
 @_input_options
 @_tolerance_options
 @_output_options
-def convert(model: Path, output: Path | None, force: bool, plot: Path | None, **kw: Any) -> None:
+def convert(
+    model: Path, output: Path | None, force: bool, only_faster: bool, plot: Path | None, **kw: Any
+) -> None:
     """Rewrite eligible Convs of MODEL into HasteConv, verify, and report FLOPs."""
     console = _Console(kw["quiet"], kw["json_path"])
     result = api.convert(
@@ -364,6 +373,7 @@ def convert(model: Path, output: Path | None, force: bool, plot: Path | None, **
         _tolerances(kw),
         force,
         progress=console.progress,
+        only_faster=only_faster,
     )
     _report(
         console,

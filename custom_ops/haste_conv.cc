@@ -475,10 +475,10 @@ __attribute__((always_inline)) inline void ConvTile3With(const float* in, const 
   for (int p = 0; p < kRows * kCols; ++p) reinterpret_cast<Vec*>(out)[p] = acc[p];
 }
 
-// ConvGroup for T = 3, K = 3 as a function of its own: inlined into the row loop, the compiler
-// shares the input broadcasts between taps and runs out of registers (accumulators spill).
-// One per shape of the tile's valid outputs, kRows x kCols (1-3 each): tiles cut by the edge of
-// Y (28 = 9 * 3 + 1) compute no padded outputs.
+// ConvTile3With as a function of its own (not inlined into the loops over tiles and filter
+// blocks, whose variables would compete for its registers), one per shape of the tile's valid
+// outputs, kRows x kCols (1-3 each): tiles cut by the edge of Y (28 = 9 * 3 + 1) compute no
+// padded outputs.
 using ConvTile3Fn = void (*)(const float* in, const int32_t* order, const int32_t* starts,
                              int64_t buckets, const float* filters, float* wsum, float* out);
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import onnx
 
-from haste_onnx import inputs, ir, report
+from haste_onnx import inputs, ir, report, speed
 from haste_onnx.errors import InputError
 from haste_onnx.passes.rewrite import (
     ConvDecision,
@@ -84,6 +84,37 @@ def _require_convs(decisions: list[ConvDecision], source: Path) -> None:
         raise InputError(f"no Conv in {source} is eligible for HASTE — {reasons}")
 
 
+def _keep_faster(
+    original: onnx.ModelProto,
+    options: HasteOptions,
+    conversion: tuple[onnx.ModelProto, list[ConvDecision], list[LayerPlan]],
+    feeds: inputs.Feeds,
+    say: Progress,
+) -> tuple[onnx.ModelProto, list[ConvDecision], list[LayerPlan]]:
+    """The conversion again, without the layers that are not faster as HasteConv here."""
+    converted, decisions, plans = conversion
+    say("timing each converted layer against Conv")
+    ratios = speed.layer_time_ratios(converted, feeds.arrays, progress=say)
+    slower = {p.name: ratios[p.output] for p in plans if ratios[p.output] >= 1.0}
+    if not slower:
+        return conversion
+    excluded = dataclasses.replace(options, exclude=options.exclude + tuple(slower))
+    converted, decisions, plans = rewrite(original, excluded)
+    return (
+        converted,
+        [
+            dataclasses.replace(
+                d,
+                reason=f"not faster as HasteConv here (time / Conv time {slower[d.name]:.2f})",
+            )
+            if d.name in slower
+            else d
+            for d in decisions
+        ],
+        plans,
+    )
+
+
 def convert(
     source: str | Path,
     output: str | Path | None = None,
@@ -92,9 +123,14 @@ def convert(
     tolerances: Tolerances | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    only_faster: bool = False,
 ) -> ConversionResult:
     """Convert the model at ``source`` and write it to ``output`` (default ``<name>.haste.onnx``)
-    if the verification passed, or in any case with ``force``. Nothing is written on failure."""
+    if the verification passed, or in any case with ``force``. Nothing is written on failure.
+
+    With ``only_faster``, every converted layer is timed alone against onnxruntime's Conv on the
+    verification inputs (:func:`haste_onnx.speed.layer_time_ratios`), and those not faster as
+    HasteConv stay Conv; the result then depends on the machine and its load."""
     source = Path(source)
     target = Path(output) if output is not None else default_output(source)
     check_output_path(source, target)
@@ -108,6 +144,11 @@ def convert(
     _require_convs(decisions, source)
     onnx.checker.check_model(ir.session_source(converted))
     feeds = make_feeds(original, verify_options)
+    if only_faster:
+        converted, decisions, plans = _keep_faster(
+            original, options, (converted, decisions, plans), feeds, say
+        )
+        _require_convs(decisions, source)
     verification = verify(
         original, converted, plans, feeds.arrays, feeds.description, tolerances or Tolerances(), say
     )

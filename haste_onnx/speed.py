@@ -1,0 +1,113 @@
+"""Timing HasteConv layers against onnxruntime's own Conv, side by side.
+
+Used by ``convert --only-faster`` (keep as Conv the layers that would run slower here) and by
+``benchmarks/bench_conv.py``. Times are wall-clock medians of interleaved runs, so that both
+sides see the same machine load; only their ratio is meaningful.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from haste_onnx import ir, runtime
+from haste_onnx.opdef import DOMAIN
+
+#: Each timed sample repeats its call for at least this long.
+SAMPLE_SECONDS = 0.005
+
+
+def interleaved_medians(runs: Sequence[Callable[[], object]], repeats: int) -> list[float]:
+    """Median seconds per call of each run; the runs alternate, so that all see the same load.
+    Each sample times enough calls to last about ``SAMPLE_SECONDS``."""
+    for run in runs:
+        run()  # warm-up
+    batches = []
+    for run in runs:
+        start = time.perf_counter()
+        run()
+        elapsed = max(time.perf_counter() - start, 1e-6)
+        batches.append(max(1, int(SAMPLE_SECONDS / elapsed)))
+    samples: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for run, batch, times in zip(runs, batches, samples):
+            start = time.perf_counter()
+            for _ in range(batch):
+                run()
+            times.append((time.perf_counter() - start) / batch)
+    return [statistics.median(times) for times in samples]
+
+
+def layer_models(
+    model: onnx.ModelProto, node: onnx.NodeProto
+) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """Two one-layer models of the HasteConv ``node`` of ``model``, input X and output Y: the
+    same layer as onnxruntime's Conv (with its Relu, if fused) and as HasteConv."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    weights = {name: ir.constant_value(model.graph, name) for name in node.input[1:] if name}
+    inits = [onnx.numpy_helper.from_array(np.asarray(v), k) for k, v in weights.items()]
+    conv_inputs = ["X", node.input[1]] + ([node.input[2]] if node.input[2] else [])
+    relu = attrs.get("activation", b"") in (b"Relu", "Relu")
+    conv_nodes = [
+        helper.make_node(
+            "Conv",
+            conv_inputs,
+            ["Z" if relu else "Y"],
+            kernel_shape=list(attrs["kernel_shape"]),
+            pads=list(attrs["pads"]),
+        )
+    ] + ([helper.make_node("Relu", ["Z"], ["Y"])] if relu else [])
+    haste = onnx.NodeProto()
+    haste.CopyFrom(node)
+    haste.input[0], haste.output[0] = "X", "Y"
+
+    def one_layer(nodes: list[onnx.NodeProto], domains: list[str]) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            nodes,
+            "layer",
+            [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", "C", "H", "W"])],
+            [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", "M", "H", "W"])],
+            initializer=inits,
+        )
+        opsets = [o for o in model.opset_import if o.domain in domains]
+        layer = helper.make_model(graph, opset_imports=opsets)
+        layer.ir_version = model.ir_version
+        return layer
+
+    return one_layer(conv_nodes, [""]), one_layer([haste], ["", DOMAIN])
+
+
+def layer_time_ratios(
+    model: onnx.ModelProto,
+    feeds: dict[str, np.ndarray],
+    repeats: int = 7,
+    threads: int = 1,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, float]:
+    """HasteConv time / Conv time of every HasteConv node of the converted ``model``, by the
+    node's output name: each layer alone, fed the input it gets when ``model`` runs on
+    ``feeds``."""
+    nodes = [n for n in model.graph.node if n.domain == DOMAIN]
+    session = runtime.quiet_session(ir.with_outputs(model, [n.input[0] for n in nodes]))
+    names = [o.name for o in session.get_outputs()]
+    tensors = dict(zip(names, session.run(names, feeds)))
+    tensors.update(feeds)
+    ratios = {}
+    for node in nodes:
+        conv_model, haste_model = layer_models(model, node)
+        conv = runtime.quiet_session(conv_model, custom_ops=False, threads=threads)
+        haste = runtime.quiet_session(haste_model, threads=threads)
+        feed = {"X": tensors[node.input[0]]}
+        t_haste, t_conv = interleaved_medians(
+            [partial(haste.run, None, feed), partial(conv.run, None, feed)], repeats
+        )
+        ratio = ratios[node.output[0]] = t_haste / t_conv
+        if progress:
+            progress(f"timed {node.name or node.output[0]}: HasteConv / Conv time {ratio:.2f}")
+    return ratios

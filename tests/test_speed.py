@@ -1,0 +1,105 @@
+"""`convert(only_faster=True)` and the layer timing behind it (selection and models, not speed)."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from oracles import conv2d
+
+from haste_onnx import ir, opdef, speed
+from haste_onnx.errors import InputError
+from haste_onnx.passes.rewrite import HasteOptions, rewrite
+from haste_onnx.pipeline import convert
+from haste_onnx.runtime import make_session
+
+EXAMPLE = Path(__file__).parent.parent / "models" / "example.onnx"
+
+
+def haste_outputs(model: onnx.ModelProto) -> list[str]:
+    return [n.output[0] for n in model.graph.node if n.domain == opdef.DOMAIN]
+
+
+def test_layer_models_are_the_layer_as_conv_and_as_hasteconv():
+    converted, _, plans = rewrite(onnx.load(EXAMPLE), HasteOptions())
+    nodes = [n for n in converted.graph.node if n.domain == opdef.DOMAIN]
+    assert len(nodes) == len(plans) == 4
+    rng = np.random.default_rng(0)
+    for node, plan in zip(nodes, plans):
+        conv_model, haste_model = speed.layer_models(converted, node)
+        onnx.checker.check_model(conv_model, full_check=True)
+        w = ir.constant_value(converted.graph, node.input[1])
+        b = ir.constant_value(converted.graph, node.input[2]) if node.input[2] else 0.0
+        x = rng.standard_normal((2, plan.in_channels, 11, 13)).astype(np.float32)
+        want = conv2d(x, w, plan.pads) + np.reshape(b, (-1, 1, 1))
+        if plan.fused_relu:
+            want = np.maximum(want, 0)
+        got = make_session(conv_model).run(None, {"X": x})[0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+        (haste,) = haste_model.graph.node  # the node itself, on X
+        assert (haste.op_type, haste.domain) == (node.op_type, node.domain)
+        assert list(haste.attribute) == list(node.attribute)
+        assert haste.input[1:] == node.input[1:]
+        assert make_session(haste_model).run(None, {"X": x})[0].shape == want.shape
+    assert any(p.fused_relu for p in plans) and not all(p.fused_relu for p in plans)
+
+
+def test_layer_time_ratios_times_every_hasteconv_node():
+    converted, _, _ = rewrite(onnx.load(EXAMPLE), HasteOptions())
+    feeds = {"input": np.zeros((1, 3, 32, 32), np.float32)}
+    ratios = speed.layer_time_ratios(converted, feeds, repeats=1)
+    assert sorted(ratios) == sorted(haste_outputs(converted))
+    assert all(np.isfinite(r) and r > 0 for r in ratios.values())
+
+
+def test_only_faster_keeps_the_layers_that_are_not_faster_as_conv(tmp_path, monkeypatch):
+    timed = []
+
+    def fake_ratios(model, feeds, **kwargs):  # the first layer is slower, the others faster
+        outputs = haste_outputs(model)
+        timed.append(outputs)
+        return {name: 1.5 if i == 0 else 0.5 for i, name in enumerate(outputs)}
+
+    monkeypatch.setattr(speed, "layer_time_ratios", fake_ratios)
+    out = tmp_path / "example.haste.onnx"
+    result = convert(EXAMPLE, out, only_faster=True)
+    assert len(timed) == 1 and len(timed[0]) == 4
+    assert result.passed, result.verification.failures
+    assert [p.name for p in result.layers] == ["block.conv1", "block.conv2", "layer2"]
+    kept = next(d for d in result.decisions if d.name == "layer1")
+    assert not kept.converted and "not faster" in kept.reason and "1.50" in kept.reason
+    model = onnx.load(out)
+    assert len(haste_outputs(model)) == 3
+    assert sum(n.op_type == "Conv" for n in model.graph.node) == 3  # stem, layer1, down
+
+
+def test_only_faster_with_no_faster_layer_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        speed,
+        "layer_time_ratios",
+        lambda model, feeds, **kw: dict.fromkeys(haste_outputs(model), 2.0),
+    )
+    out = tmp_path / "example.haste.onnx"
+    with pytest.raises(InputError, match="not faster as HasteConv"):
+        convert(EXAMPLE, out, only_faster=True)
+    assert not out.exists()
+
+
+def test_cli_only_faster_reports_the_timed_reason(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from haste_onnx.cli.main import main
+
+    monkeypatch.setattr(
+        speed,
+        "layer_time_ratios",
+        lambda model, feeds, **kw: (
+            dict.fromkeys(haste_outputs(model)[:1], 1.25)
+            | dict.fromkeys(haste_outputs(model)[1:], 0.75)
+        ),
+    )
+    src = tmp_path / "example.onnx"
+    src.write_bytes(EXAMPLE.read_bytes())
+    result = CliRunner().invoke(main, ["convert", str(src), "--only-faster"])
+    assert result.exit_code == 0, result.output
+    assert "not faster as HasteConv here (time / Conv time 1.25)" in result.stdout
+    assert len(haste_outputs(onnx.load(tmp_path / "example.haste.onnx"))) == 3
