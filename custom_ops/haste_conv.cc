@@ -371,7 +371,7 @@ __attribute__((always_inline)) inline void Splat(const float* value, Vec* v) {
 }
 
 template <int kLanes, typename Vec>
-__attribute__((always_inline)) inline void MultiplyAdd(Vec* acc, Vec a, Vec b) {
+__attribute__((always_inline)) inline void MultiplyAdd(Vec* acc, const Vec& a, const Vec& b) {
 #if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
   if constexpr (kLanes == 8) {
     asm("vfmadd231ps %2, %1, %0" : "+x"(*acc) : "x"(a), "x"(b));

@@ -90,14 +90,16 @@ def _keep_faster(
     conversion: tuple[onnx.ModelProto, list[ConvDecision], list[LayerPlan]],
     feeds: inputs.Feeds,
     say: Progress,
-) -> tuple[onnx.ModelProto, list[ConvDecision], list[LayerPlan]]:
-    """The conversion again, without the layers that are not faster as HasteConv here."""
+) -> tuple[onnx.ModelProto, list[ConvDecision], list[LayerPlan], dict[str, float]]:
+    """The conversion again, without the layers that are not faster as HasteConv here, and the
+    time ratio of every layer timed, by layer name."""
     converted, decisions, plans = conversion
     say("timing each converted layer against Conv")
     ratios = speed.layer_time_ratios(converted, feeds.arrays, progress=say)
-    slower = {p.name: ratios[p.output] for p in plans if ratios[p.output] >= 1.0}
+    by_name = {p.name: ratios[p.output] for p in plans}
+    slower = {name: ratio for name, ratio in by_name.items() if ratio >= 1.0}
     if not slower:
-        return conversion
+        return converted, decisions, plans, by_name
     excluded = dataclasses.replace(options, exclude=options.exclude + tuple(slower))
     converted, decisions, plans = rewrite(original, excluded)
     return (
@@ -112,6 +114,7 @@ def _keep_faster(
             for d in decisions
         ],
         plans,
+        by_name,
     )
 
 
@@ -144,8 +147,9 @@ def convert(
     _require_convs(decisions, source)
     onnx.checker.check_model(ir.session_source(converted))
     feeds = make_feeds(original, verify_options)
+    time_ratios = None
     if only_faster:
-        converted, decisions, plans = _keep_faster(
+        converted, decisions, plans, time_ratios = _keep_faster(
             original, options, (converted, decisions, plans), feeds, say
         )
         _require_convs(decisions, source)
@@ -154,7 +158,7 @@ def convert(
     )
     shapes = {k: tuple(v.shape) for k, v in feeds.arrays.items()}
     flops_report = report.build(
-        original, decisions, plans, verification.layers, shapes, feeds.description
+        original, decisions, plans, verification.layers, shapes, feeds.description, time_ratios
     )
     written: list[Path] = []
     if verification.passed or force:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +40,7 @@ class LayerReport:
     flops: HasteFlops
     fused_batchnorm: bool | None
     fused_relu: bool
+    time_ratio: float | None = None  # HasteConv / Conv time alone, when timed (--only-faster)
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ def build(
     runs: Sequence[LayerRun],
     input_shapes: dict[str, tuple[int, ...]],
     inputs: str,
+    time_ratios: Mapping[str, float] | None = None,
 ) -> FlopsReport:
     """Assemble the report from the rewrite's decisions and the verification's measurements."""
     batch = max((shape[0] for shape in input_shapes.values() if shape), default=1) or 1
@@ -132,6 +134,7 @@ def build(
                 ),
                 fused_batchnorm=plan.fused_batchnorm,
                 fused_relu=plan.fused_relu,
+                time_ratio=(time_ratios or {}).get(plan.name),
             )
         )
     converted = {p.name for p in plans}

@@ -1,5 +1,6 @@
 """`convert(only_faster=True)` and the layer timing behind it (selection and models, not speed)."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,7 @@ def test_only_faster_keeps_the_layers_that_are_not_faster_as_conv(tmp_path, monk
     assert [p.name for p in result.layers] == ["block.conv1", "block.conv2", "layer2"]
     kept = next(d for d in result.decisions if d.name == "layer1")
     assert not kept.converted and "not faster" in kept.reason and "1.50" in kept.reason
+    assert [layer.time_ratio for layer in result.flops.layers] == [0.5, 0.5, 0.5]
     model = onnx.load(out)
     assert len(haste_outputs(model)) == 3
     assert sum(n.op_type == "Conv" for n in model.graph.node) == 3  # stem, layer1, down
@@ -99,7 +101,10 @@ def test_cli_only_faster_reports_the_timed_reason(tmp_path, monkeypatch):
     )
     src = tmp_path / "example.onnx"
     src.write_bytes(EXAMPLE.read_bytes())
-    result = CliRunner().invoke(main, ["convert", str(src), "--only-faster"])
+    result = CliRunner().invoke(main, ["convert", str(src), "--only-faster", "--json", "-"])
     assert result.exit_code == 0, result.output
-    assert "not faster as HasteConv here (time / Conv time 1.25)" in result.stdout
+    report = json.loads(result.stdout)
+    assert [layer["time_ratio"] for layer in report["layers"]] == [0.75, 0.75, 0.75]
+    (skipped,) = [s for s in report["skipped"] if s["name"] == "layer1"]
+    assert skipped["reason"] == "not faster as HasteConv here (time / Conv time 1.25)"
     assert len(haste_outputs(onnx.load(tmp_path / "example.haste.onnx"))) == 3
