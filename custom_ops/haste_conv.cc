@@ -7,6 +7,8 @@
 #include <new>
 #include <numeric>
 #include <sstream>
+#include <type_traits>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -381,6 +383,20 @@ __attribute__((always_inline)) inline void MultiplyAdd(Vec* acc, const Vec& a, c
   *acc += a * b;
 }
 
+// Calls f(std::integral_constant<int, 0>{}) ... f(std::integral_constant<int, kN - 1>{}): a loop
+// whose index is a constant from the start. GCC keeps a local array in registers only if every
+// index into it is a constant before its loops are unrolled (with `#pragma GCC unroll` it kept the
+// tile's accumulators on the stack, loaded and stored for every bucket).
+template <typename F, int... kI>
+__attribute__((always_inline)) inline void UnrollWith(F& f, std::integer_sequence<int, kI...>) {
+  (f(std::integral_constant<int, kI>{}), ...);
+}
+
+template <int kN, typename F>
+__attribute__((always_inline)) inline void Unroll(F&& f) {
+  UnrollWith(f, std::make_integer_sequence<int, kN>{});
+}
+
 // One bucket's share of a T = 3, K = 3 tile: acc [kRows * kCols] += the 3x3 convolution of its
 // 5x5 (merged) input v with the sum of its kSum filters w, w1 [9, kLanes]. Kernel row by kernel
 // row: the row's three taps stay in registers while each input row they meet is broadcast once,
@@ -388,35 +404,37 @@ __attribute__((always_inline)) inline void MultiplyAdd(Vec* acc, const Vec& a, c
 // accumulators, 3 taps and 1 broadcast fit in 16 registers). The empty asm hides that the rows
 // read for different kernel rows are the same memory: shared, the broadcasts would outlive the
 // registers and spill. Each output sums its taps in the order 0..8, as the reference does.
-template <int kLanes, int kRows, int kCols, int kSum>
+template <int kLanes, int kRows, int kCols, int kSum, typename Reg>
 __attribute__((always_inline)) inline void Tile3Bucket(const float* v, const float* wf,
-                                                       const float* w1f, void* accv) {
+                                                       const float* w1f, Reg* acc) {
   typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), may_alias, aligned(4)));
   const Vec* w = reinterpret_cast<const Vec*>(wf);
   const Vec* w1 = reinterpret_cast<const Vec*>(w1f);
-  Vec* acc = reinterpret_cast<Vec*>(accv);
-#pragma GCC unroll 3
-  for (int ky = 0; ky < 3; ++ky) {
-    Vec wk[3];
-#pragma GCC unroll 3
-    for (int kx = 0; kx < 3; ++kx) {
-      wk[kx] = w[ky * 3 + kx];
-      if constexpr (kSum == 2) wk[kx] += w1[ky * 3 + kx];
-    }
-#pragma GCC unroll 3
-    for (int oy = 0; oy < kRows; ++oy) {
+  Unroll<3>([&](auto ky) __attribute__((always_inline)) {
+    Reg wk[3];
+    Unroll<3>([&](auto kx) __attribute__((always_inline)) {
+      if constexpr (kSum == 2) {
+        wk[kx] = w[ky * 3 + kx] + w1[ky * 3 + kx];
+      } else {
+        wk[kx] = w[ky * 3 + kx];
+      }
+    });
+    Unroll<kRows>([&](auto oy) __attribute__((always_inline)) {
       const float* row = v + (oy + ky) * 5;
       asm volatile("" : "+r"(row));
-#pragma GCC unroll 5
-      for (int j = 0; j < kCols + 2; ++j) {  // input column j meets output column ox at tap j - ox
-        Vec in_j;
+      // Input column j meets output column ox at tap j - ox.
+      Unroll<kCols + 2>([&](auto j) __attribute__((always_inline)) {
+        Reg in_j;
         Splat<kLanes>(row + j, &in_j);
-        if (j - 2 >= 0 && j - 2 < kCols) MultiplyAdd<kLanes>(&acc[oy * kCols + j - 2], in_j, wk[2]);
-        if (j - 1 >= 0 && j - 1 < kCols) MultiplyAdd<kLanes>(&acc[oy * kCols + j - 1], in_j, wk[1]);
-        if (j < kCols) MultiplyAdd<kLanes>(&acc[oy * kCols + j], in_j, wk[0]);
-      }
-    }
-  }
+        Unroll<3>([&](auto kx) __attribute__((always_inline)) {
+          constexpr int ox = decltype(j)::value - 2 + decltype(kx)::value;  // kx = 2, 1, 0
+          if constexpr (ox >= 0 && ox < kCols) {
+            MultiplyAdd<kLanes>(&acc[oy * kCols + ox], in_j, wk[2 - kx]);
+          }
+        });
+      });
+    });
+  });
 }
 
 // out [kRows * kCols, kLanes] = the reduced convolution of one T = 3, K = 3 tile (its kRows x
@@ -454,7 +472,10 @@ __attribute__((always_inline)) inline void ConvTile3With(const float* in, const 
     }
     for (int t = 0; t < 9; ++t) sums[(b - large) * 9 + t] = sum[t];
   }
-  Vec acc[kRows * kCols] = {};
+  // Accumulators in registers: a type without may_alias, indexed by constants only (Unroll).
+  typedef float Reg __attribute__((vector_size(kLanes * sizeof(float))));
+  Reg acc[kRows * kCols];
+  Unroll<kRows * kCols>([&](auto p) __attribute__((always_inline)) { acc[p] = Reg{}; });
   int64_t b = 0;
   for (; b < buckets && starts[b + 1] - starts[b] == 1; ++b) {
     prefetch(b + kPrefetch);
@@ -472,7 +493,8 @@ __attribute__((always_inline)) inline void ConvTile3With(const float* in, const 
     Tile3Bucket<kLanes, kRows, kCols, 1>(in + order[starts[b]] * 25,
                                          wsum + (b - large) * kStride, nullptr, acc);
   }
-  for (int p = 0; p < kRows * kCols; ++p) reinterpret_cast<Vec*>(out)[p] = acc[p];
+  Unroll<kRows * kCols>(
+      [&](auto p) __attribute__((always_inline)) { reinterpret_cast<Vec*>(out)[p] = acc[p]; });
 }
 
 // ConvTile3With as a function of its own (not inlined into the loops over tiles and filter
