@@ -1,0 +1,53 @@
+// The T = 3, K = 3 HasteConv kernel alone, in a loop over one tile whose data stay in cache:
+// 8-wide FMAs per ns for one filter block, to compare kernel variants without the per-tile work
+// around them (docs/speed.md). Build and run (the headers are those the package build found):
+//
+//   g++ -O3 -std=c++17 -I ~/.cache/haste-onnx/onnxruntime-headers-1.21 \
+//       benchmarks/kernel_loop.cc -o /tmp/kernel_loop
+//   /tmp/kernel_loop C PAIRS TILES     # e.g. 128 0 1 (single channels), 128 40 10
+//
+// C input channels, PAIRS of them merged in pairs (the rest single), TILES distinct inputs cycled.
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+
+#include "../custom_ops/haste_conv.cc"
+
+int main(int argc, char** argv) {
+  using namespace haste_onnx;
+  const int channels = argc > 1 ? std::atoi(argv[1]) : 128;
+  const int pairs = argc > 2 ? std::atoi(argv[2]) : 0;
+  const int tiles = argc > 3 ? std::atoi(argv[3]) : 1;
+  if (channels < 1 || pairs < 0 || 2 * pairs > channels || tiles < 1) {
+    std::fprintf(stderr, "usage: kernel_loop C PAIRS TILES (2 * PAIRS <= C, TILES >= 1)\n");
+    return 2;
+  }
+  std::mt19937 rng(0);
+  std::normal_distribution<float> normal;
+  std::vector<float> filters(channels * 9 * 8), in(tiles * channels * 25), wsum(channels * 72);
+  std::vector<float> out(72);
+  for (float& v : filters) v = normal(rng);
+  for (float& v : in) v = normal(rng);
+  std::vector<int32_t> order(channels), starts;  // single channels first, then pairs
+  for (int c = 0; c < channels; ++c) order[c] = c;
+  for (int c = 0; c < channels - 2 * pairs; ++c) starts.push_back(c);
+  for (int c = channels - 2 * pairs; c < channels; c += 2) starts.push_back(c);
+  starts.push_back(channels);
+  const int64_t buckets = static_cast<int64_t>(starts.size()) - 1;
+  const ConvTile3Fn kernel = ConvTile3For<8>(3, 3);
+  const int calls = 20000;
+  double best = 1e30;
+  for (int trial = 0; trial < 7; ++trial) {
+    const auto start = std::chrono::steady_clock::now();
+    for (int i = 0; i < calls; ++i) {
+      kernel(in.data() + (i % tiles) * channels * 25, order.data(), starts.data(), buckets,
+             filters.data(), wsum.data(), out.data());
+    }
+    const std::chrono::duration<double> seconds = std::chrono::steady_clock::now() - start;
+    best = std::min(best, seconds.count());
+  }
+  std::printf("C = %d, %lld buckets (%d pairs), %d tiles: %.2f 8-wide FMAs per ns\n", channels,
+              static_cast<long long>(buckets), pairs, tiles, calls * buckets * 81.0 / best / 1e9);
+  return out[0] == 12345.0f;  // keeps the results alive
+}
