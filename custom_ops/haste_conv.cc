@@ -112,7 +112,7 @@ void GatherPatch(const Geometry& g, const float* band, int64_t tx, float* patch)
 }
 
 // Channels are hashed kHashBlock at a time, their projections summed in registers.
-constexpr int64_t kHashBlock = 16;
+constexpr int64_t kHashBlock = 32;
 
 // Channels rounded up to whole hash blocks: the row length of the centered patch.
 int64_t HashWidth(int64_t channels) {
