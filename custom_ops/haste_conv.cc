@@ -438,18 +438,19 @@ __attribute__((always_inline)) inline void Tile3Bucket(const float* v, const flo
 }
 
 // out [kRows * kCols, kLanes] = the reduced convolution of one T = 3, K = 3 tile (its kRows x
-// kCols outputs inside Y) for the output channels of one filter block [C, 9, kLanes]; `in` holds
-// the tile's 5x5 patches [C, 25], where each bucket reads the one of its first channel (HashRow
-// put the bucket's mean there). Buckets come single channels first, then pairs, then larger ones
-// (HashRow orders them so): each kind has a loop of its own. A pair sums its filters in
-// registers. The larger buckets' filters are summed before anything else, into wsum [buckets, 9,
-// kLanes]: nine independent sums in registers (one per tap, over the bucket's channels) run at
-// the adders' throughput, and no accumulator of the tile is live yet to spill.
+// kCols outputs inside Y) for the output channels of one filter block [C, 9, kLanes], plus bias
+// [kLanes], then Relu if `relu`. `in` holds the tile's 5x5 patches [C, 25], where each bucket
+// reads the one of its first channel (HashRow put the bucket's mean there). Buckets come single
+// channels first, then pairs, then larger ones (HashRow orders them so): each kind has a loop of
+// its own. A pair sums its filters in registers. The larger buckets' filters are summed before
+// anything else, into wsum [buckets, 9, kLanes]: nine independent sums in registers (one per tap,
+// over the bucket's channels) run at the adders' throughput, and no accumulator of the tile is
+// live yet to spill.
 template <int kLanes, int kRows, int kCols>
 __attribute__((always_inline)) inline void ConvTile3With(const float* in, const int32_t* order,
                                                          const int32_t* starts, int64_t buckets,
                                                          const float* filters, float* wsum,
-                                                         float* out) {
+                                                         const float* bias, bool relu, float* out) {
   typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), may_alias, aligned(4)));
   constexpr int64_t kStride = 9 * kLanes;
   const Vec* w = reinterpret_cast<const Vec*>(filters);
@@ -493,8 +494,11 @@ __attribute__((always_inline)) inline void ConvTile3With(const float* in, const 
     Tile3Bucket<kLanes, kRows, kCols, 1>(in + order[starts[b]] * 25,
                                          wsum + (b - large) * kStride, nullptr, acc);
   }
-  Unroll<kRows * kCols>(
-      [&](auto p) __attribute__((always_inline)) { reinterpret_cast<Vec*>(out)[p] = acc[p]; });
+  const Reg shift = *reinterpret_cast<const Vec*>(bias);
+  Unroll<kRows * kCols>([&](auto p) __attribute__((always_inline)) {
+    const Reg v = acc[p] + shift;
+    reinterpret_cast<Vec*>(out)[p] = relu ? (v > 0.0f ? v : Reg{}) : v;
+  });
 }
 
 // ConvTile3With as a function of its own (not inlined into the loops over tiles and filter
@@ -502,21 +506,23 @@ __attribute__((always_inline)) inline void ConvTile3With(const float* in, const 
 // outputs, kRows x kCols (1-3 each): tiles cut by the edge of Y (28 = 9 * 3 + 1) compute no
 // padded outputs.
 using ConvTile3Fn = void (*)(const float* in, const int32_t* order, const int32_t* starts,
-                             int64_t buckets, const float* filters, float* wsum, float* out);
+                             int64_t buckets, const float* filters, float* wsum,
+                             const float* bias, bool relu, float* out);
 
 template <int kRows, int kCols>
 __attribute__((noinline)) void ConvTile3Portable(const float* in, const int32_t* order,
                                                  const int32_t* starts, int64_t buckets,
-                                                 const float* filters, float* wsum, float* out) {
-  ConvTile3With<4, kRows, kCols>(in, order, starts, buckets, filters, wsum, out);
+                                                 const float* filters, float* wsum,
+                                                 const float* bias, bool relu, float* out) {
+  ConvTile3With<4, kRows, kCols>(in, order, starts, buckets, filters, wsum, bias, relu, out);
 }
 
 #if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
 template <int kRows, int kCols>
 __attribute__((target("avx2,fma"), noinline)) void ConvTile3Avx2(
     const float* in, const int32_t* order, const int32_t* starts, int64_t buckets,
-    const float* filters, float* wsum, float* out) {
-  ConvTile3With<8, kRows, kCols>(in, order, starts, buckets, filters, wsum, out);
+    const float* filters, float* wsum, const float* bias, bool relu, float* out) {
+  ConvTile3With<8, kRows, kCols>(in, order, starts, buckets, filters, wsum, bias, relu, out);
 }
 #endif
 
@@ -571,15 +577,13 @@ __attribute__((always_inline)) inline void ConvWith(const Job& job, const ChunkB
           const float* in = chunk.inputs.data() + t * chunk.per_tile + group * buckets * taps * kPixels;
           if constexpr (kTile == 3) {
             // Only the rows x cols outputs inside Y, packed in `out` row after row.
-            ConvTile3For<kLanes>(rows, cols)(in, order, starts, buckets, filters, sum, out);
+            ConvTile3For<kLanes>(rows, cols)(in, order, starts, buckets, filters, sum, bias,
+                                             job.relu, out);
             // Channel by channel, so that each output row's few floats are stored together.
             for (int64_t l = 0; l < lanes; ++l) {
               float* dst = job.y + ((n * g.m + m0 + l) * g.out_h + y0) * g.out_w + x0;
               for (int64_t oy = 0; oy < rows; ++oy, dst += g.out_w) {
-                for (int64_t ox = 0; ox < cols; ++ox) {
-                  const float v = out[(oy * cols + ox) * kLanes + l] + bias[l];
-                  dst[ox] = job.relu ? std::max(v, 0.0f) : v;
-                }
+                for (int64_t ox = 0; ox < cols; ++ox) dst[ox] = out[(oy * cols + ox) * kLanes + l];
               }
             }
             continue;
