@@ -385,8 +385,14 @@ def convert(
             "model": str(model),
             "output": [str(p) for p in result.written],
             "options": {k: kw[k] for k in ("num_planes", "sparsity", "tile", "seed")},
+            "time_ratio": result.time_ratio,
         },
     )
+    if result.time_ratio is not None:
+        console.echo(
+            f"converted model time / original model time: {result.time_ratio:.2f} "
+            "(1 thread, on the verification inputs)"
+        )
     if not result.passed:
         wrote = (
             f"written anyway (--force): {result.written[0]}"

@@ -41,6 +41,7 @@ class ConversionResult:
     verification: Verification
     flops: report.FlopsReport
     written: list[Path]
+    time_ratio: float | None = None  # with only_faster: converted / original model time
 
     @property
     def passed(self) -> bool:
@@ -156,6 +157,10 @@ def convert(
     verification = verify(
         original, converted, plans, feeds.arrays, feeds.description, tolerances or Tolerances(), say
     )
+    model_ratio = None
+    if only_faster:  # the layers were timed alone; what counts is the whole model
+        say("timing the converted model against the original")
+        model_ratio = speed.model_time_ratio(original, converted, feeds.arrays)
     shapes = {k: tuple(v.shape) for k, v in feeds.arrays.items()}
     flops_report = report.build(
         original, decisions, plans, verification.layers, shapes, feeds.description, time_ratios
@@ -164,7 +169,9 @@ def convert(
     if verification.passed or force:
         say(f"writing {target}")
         written = ir.save(converted, target, external_data=ir.uses_external_data(source))
-    return ConversionResult(converted, decisions, plans, verification, flops_report, written)
+    return ConversionResult(
+        converted, decisions, plans, verification, flops_report, written, model_ratio
+    )
 
 
 def inspect(

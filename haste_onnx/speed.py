@@ -83,6 +83,23 @@ def layer_models(
     return one_layer(conv_nodes, [""]), one_layer([haste], ["", DOMAIN])
 
 
+def model_time_ratio(
+    original: onnx.ModelProto,
+    converted: onnx.ModelProto,
+    feeds: dict[str, np.ndarray],
+    repeats: int = 7,
+    threads: int = 1,
+) -> float:
+    """Time of the converted model / time of the original, both run on ``feeds`` by onnxruntime
+    with the same session options (its default graph optimizations, ``threads`` threads)."""
+    before = runtime.quiet_session(original, custom_ops=False, threads=threads)
+    after = runtime.quiet_session(converted, threads=threads)
+    t_after, t_before = interleaved_medians(
+        [partial(after.run, None, feeds), partial(before.run, None, feeds)], repeats
+    )
+    return t_after / t_before
+
+
 def layer_time_ratios(
     model: onnx.ModelProto,
     feeds: dict[str, np.ndarray],

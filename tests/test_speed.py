@@ -53,6 +53,14 @@ def test_layer_time_ratios_times_every_hasteconv_node():
     assert all(np.isfinite(r) and r > 0 for r in ratios.values())
 
 
+def test_model_time_ratio_times_both_models():
+    original = onnx.load(EXAMPLE)
+    converted, _, _ = rewrite(original, HasteOptions())
+    feeds = {"input": np.zeros((1, 3, 32, 32), np.float32)}
+    ratio = speed.model_time_ratio(original, converted, feeds, repeats=1)
+    assert np.isfinite(ratio) and ratio > 0
+
+
 def test_only_faster_keeps_the_layers_that_are_not_faster_as_conv(tmp_path, monkeypatch):
     timed = []
 
@@ -62,8 +70,10 @@ def test_only_faster_keeps_the_layers_that_are_not_faster_as_conv(tmp_path, monk
         return {name: 1.5 if i == 0 else 0.5 for i, name in enumerate(outputs)}
 
     monkeypatch.setattr(speed, "layer_time_ratios", fake_ratios)
+    monkeypatch.setattr(speed, "model_time_ratio", lambda original, converted, feeds: 0.875)
     out = tmp_path / "example.haste.onnx"
     result = convert(EXAMPLE, out, only_faster=True)
+    assert result.time_ratio == 0.875
     assert len(timed) == 1 and len(timed[0]) == 4
     assert result.passed, result.verification.failures
     assert [p.name for p in result.layers] == ["block.conv1", "block.conv2", "layer2"]
@@ -99,11 +109,14 @@ def test_cli_only_faster_reports_the_timed_reason(tmp_path, monkeypatch):
             | dict.fromkeys(haste_outputs(model)[1:], 0.75)
         ),
     )
+    monkeypatch.setattr(speed, "model_time_ratio", lambda original, converted, feeds: 0.875)
     src = tmp_path / "example.onnx"
     src.write_bytes(EXAMPLE.read_bytes())
     result = CliRunner().invoke(main, ["convert", str(src), "--only-faster", "--json", "-"])
     assert result.exit_code == 0, result.output
+    assert "converted model time / original model time: 0.88" in result.stderr
     report = json.loads(result.stdout)
+    assert report["time_ratio"] == 0.875
     assert [layer["time_ratio"] for layer in report["layers"]] == [0.75, 0.75, 0.75]
     (skipped,) = [s for s in report["skipped"] if s["name"] == "layer1"]
     assert skipped["reason"] == "not faster as HasteConv here (time / Conv time 1.25)"
