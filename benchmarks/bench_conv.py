@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -36,7 +36,7 @@ from haste_onnx.opdef import DEFAULT_TILE, DOMAIN, make_node
 from haste_onnx.passes.rewrite import HasteOptions, rewrite
 from haste_onnx.reference import hash_stats
 from haste_onnx.runtime import make_session
-from haste_onnx.speed import interleaved_medians, layer_time_ratios
+from haste_onnx.speed import interleaved_medians, keep_faster, model_time_ratio
 
 ROOT = Path(__file__).resolve().parent.parent
 FASHION_MODELS = {
@@ -340,27 +340,18 @@ def bench_models(
         feed = {input_name: next(iter(feed.values()))}
         for num_planes, only_faster in [(L, False) for L in planes_list] + [(planes_list[0], True)]:
             options = HasteOptions(num_planes=num_planes)
-            converted, _, plans = rewrite(original, options)
+            converted, decisions, plans = rewrite(original, options)
             if only_faster:  # as `convert --only-faster` does, timed on this feed
-                ratios = layer_time_ratios(converted, feed)
-                slower = tuple(p.name for p in plans if ratios[p.output] >= 1.0)
-                converted, _, plans = rewrite(original, replace(options, exclude=slower))
+                conversion = (converted, decisions, plans)
+                converted, _, plans, _ = keep_faster(original, options, conversion, feed)
                 if not plans:
                     print(f"| {label} | {num_planes}, only faster | - | no layer faster | - |")
                     continue
             r = mean_r(converted, feed)
             name = f"{num_planes}, only faster ({len(plans)} layers)" if only_faster else num_planes
             for n_threads in threads:
-                conv = ort.InferenceSession(
-                    original.SerializeToString(),
-                    sess_options=session_options(n_threads),
-                    providers=["CPUExecutionProvider"],
-                )
-                haste = make_session(converted, sess_options=session_options(n_threads))
-                timing = time_sessions(haste, conv, feed, repeats)
-                print(
-                    f"| {label} | {name} | {n_threads} | {timing.ratio:.2f} | {r:.2f} |", flush=True
-                )
+                ratio = model_time_ratio(original, converted, feed, repeats, n_threads)
+                print(f"| {label} | {name} | {n_threads} | {ratio:.2f} | {r:.2f} |", flush=True)
 
 
 def mean_r(converted: onnx.ModelProto, feed: dict[str, np.ndarray]) -> float:

@@ -85,40 +85,6 @@ def _require_convs(decisions: list[ConvDecision], source: Path) -> None:
         raise InputError(f"no Conv in {source} is eligible for HASTE — {reasons}")
 
 
-def _keep_faster(
-    original: onnx.ModelProto,
-    options: HasteOptions,
-    conversion: tuple[onnx.ModelProto, list[ConvDecision], list[LayerPlan]],
-    feeds: inputs.Feeds,
-    say: Progress,
-) -> tuple[onnx.ModelProto, list[ConvDecision], list[LayerPlan], dict[str, float]]:
-    """The conversion again, without the layers that are not faster as HasteConv here, and the
-    time ratio of every layer timed, by layer name."""
-    converted, decisions, plans = conversion
-    say("timing each converted layer against Conv")
-    ratios = speed.layer_time_ratios(converted, feeds.arrays, progress=say)
-    by_name = {p.name: ratios[p.output] for p in plans}
-    slower = {name: ratio for name, ratio in by_name.items() if ratio >= 1.0}
-    if not slower:
-        return converted, decisions, plans, by_name
-    excluded = dataclasses.replace(options, exclude=options.exclude + tuple(slower))
-    converted, decisions, plans = rewrite(original, excluded)
-    return (
-        converted,
-        [
-            dataclasses.replace(
-                d,
-                reason=f"not faster as HasteConv here (time / Conv time {slower[d.name]:.2f})",
-            )
-            if d.name in slower
-            else d
-            for d in decisions
-        ],
-        plans,
-        by_name,
-    )
-
-
 def convert(
     source: str | Path,
     output: str | Path | None = None,
@@ -150,8 +116,9 @@ def convert(
     feeds = make_feeds(original, verify_options)
     time_ratios = None
     if only_faster:
-        converted, decisions, plans, time_ratios = _keep_faster(
-            original, options, (converted, decisions, plans), feeds, say
+        say("timing each converted layer against Conv")
+        converted, decisions, plans, time_ratios = speed.keep_faster(
+            original, options, (converted, decisions, plans), feeds.arrays, say
         )
         _require_convs(decisions, source)
     verification = verify(

@@ -7,6 +7,7 @@ sides see the same machine load; only their ratio is meaningful.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +19,9 @@ from onnx import TensorProto, helper
 
 from haste_onnx import ir, runtime
 from haste_onnx.opdef import DOMAIN
+from haste_onnx.passes.rewrite import ConvDecision, HasteOptions, LayerPlan, rewrite
+
+Conversion = tuple[onnx.ModelProto, list[ConvDecision], list[LayerPlan]]
 
 #: Each timed sample repeats its call for at least this long.
 SAMPLE_SECONDS = 0.005
@@ -128,3 +132,32 @@ def layer_time_ratios(
         if progress:
             progress(f"timed {node.name or node.output[0]}: HasteConv / Conv time {ratio:.2f}")
     return ratios
+
+
+def keep_faster(
+    original: onnx.ModelProto,
+    options: HasteOptions,
+    conversion: Conversion,
+    feeds: dict[str, np.ndarray],
+    progress: Callable[[str], None] | None = None,
+) -> tuple[onnx.ModelProto, list[ConvDecision], list[LayerPlan], dict[str, float]]:
+    """``conversion`` (``rewrite(original, options)``) again without the layers that are not
+    faster as HasteConv here (:func:`layer_time_ratios` >= 1), each with that as its reason; and
+    the time ratio of every layer timed, by layer name."""
+    converted, decisions, plans = conversion
+    ratios = layer_time_ratios(converted, feeds, progress=progress)
+    by_name = {p.name: ratios[p.output] for p in plans}
+    slower = {name: ratio for name, ratio in by_name.items() if ratio >= 1.0}
+    if not slower:
+        return converted, decisions, plans, by_name
+    excluded = dataclasses.replace(options, exclude=options.exclude + tuple(slower))
+    converted, decisions, plans = rewrite(original, excluded)
+    decisions = [
+        dataclasses.replace(
+            d, reason=f"not faster as HasteConv here (time / Conv time {slower[d.name]:.2f})"
+        )
+        if d.name in slower
+        else d
+        for d in decisions
+    ]
+    return converted, decisions, plans, by_name
