@@ -305,6 +305,16 @@ struct WorkItem {
 // How many buckets ahead the kernels prefetch filters.
 constexpr int64_t kPrefetch = 2;
 
+// Prefetches the filters (`stride` floats each, in one filter block) of the channels of bucket b:
+// a tile's buckets read scattered filters of the block.
+inline void PrefetchFilters(const float* filters, int64_t stride, const int32_t* order,
+                            const int32_t* starts, int64_t b) {
+  for (int32_t i = starts[b]; i < starts[b + 1]; ++i) {
+    const float* next = filters + order[i] * stride;
+    for (int64_t j = 0; j < stride; j += 64 / sizeof(float)) __builtin_prefetch(next + j);
+  }
+}
+
 // out [pixels, kLanes] = the reduced convolution of one tile's pixel group for the output
 // channels of one filter block [C, K*K, kLanes]: summed over buckets and taps in registers. A
 // bucket of several channels first sums their filters (into wsum [K*K, kLanes]); the merged
@@ -320,11 +330,8 @@ __attribute__((always_inline)) inline void ConvGroup(const float* in, const int3
   const int64_t stride = taps * kLanes;
   Vec acc[kPixels] = {};
   for (int64_t b = 0; b < buckets; ++b) {
-    if (b + kPrefetch < buckets) {  // the buckets' filters are scattered over the block
-      for (int32_t i = starts[b + kPrefetch]; i < starts[b + kPrefetch + 1]; ++i) {
-        const float* next = filters + order[i] * stride;
-        for (int64_t j = 0; j < stride; j += 64 / sizeof(float)) __builtin_prefetch(next + j);
-      }
+    if (b + kPrefetch < buckets) {
+      PrefetchFilters(filters, stride, order, starts, b + kPrefetch);
       const float* next_in = in + (b + kPrefetch) * taps * kPixels;
       for (int64_t i = 0; i < taps * kPixels; i += 64 / sizeof(float))
         __builtin_prefetch(next_in + i);
@@ -455,11 +462,7 @@ __attribute__((always_inline)) inline void ConvTile3With(const float* in, const 
   constexpr int64_t kStride = 9 * kLanes;
   const Vec* w = reinterpret_cast<const Vec*>(filters);
   auto prefetch = [&](int64_t b) {  // the filters of bucket b, when there is one
-    if (b >= buckets) return;
-    for (int32_t i = starts[b]; i < starts[b + 1]; ++i) {
-      const float* next = filters + order[i] * kStride;
-      for (int64_t j = 0; j < kStride; j += 64 / sizeof(float)) __builtin_prefetch(next + j);
-    }
+    if (b < buckets) PrefetchFilters(filters, kStride, order, starts, b);
   };
   int64_t large = buckets;  // the first larger bucket
   while (large > 0 && starts[large] - starts[large - 1] > 2) --large;
