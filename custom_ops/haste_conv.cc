@@ -405,27 +405,44 @@ __attribute__((always_inline)) inline void Unroll(F&& f) {
 }
 
 // One bucket's share of a T = 3, K = 3 tile: acc [kRows * kCols] += the 3x3 convolution of its
-// 5x5 (merged) input v with the sum of its kSum filters w, w1 [9, kLanes]. Kernel row by kernel
-// row: the row's three taps stay in registers while each input row they meet is broadcast once,
-// element by element, into the FMAs of its outputs, so that every broadcast dies at once (9
-// accumulators, 3 taps and 1 broadcast fit in 16 registers). The empty asm hides that the rows
-// read for different kernel rows are the same memory: shared, the broadcasts would outlive the
-// registers and spill. Each output sums its taps in the order 0..8, as the reference does.
-template <int kLanes, int kRows, int kCols, int kSum, typename Reg>
-__attribute__((always_inline)) inline void Tile3Bucket(const float* v, const float* wf,
-                                                       const float* w1f, Reg* acc) {
+// 5x5 (merged) input v with the sum of the filters [9, kLanes] of its `size` channels (kSize of
+// them, or any number when kSize is 0), in one filter block [C, 9, kLanes]. Kernel row by kernel
+// row: the row's three taps, summed over the channels, stay in registers while each input row
+// they meet is broadcast once, element by element, into the FMAs of its outputs, so that every
+// broadcast dies at once (9 accumulators, 3 taps and 1 broadcast fit in 16 registers). Summing
+// the taps here, next to the FMAs of the kernel row before, lets the filter reads of a merged
+// bucket overlap the arithmetic instead of going first in a loop of their own that waits on the
+// cache (a filter block is larger than L1). The empty asm hides that the rows read for different
+// kernel rows are the same memory: shared, the broadcasts would outlive the registers and spill.
+// Each output sums its taps in the order 0..8, as the reference does; each tap sums its channels
+// in the bucket's order.
+template <int kLanes, int kRows, int kCols, int kSize, typename Reg>
+__attribute__((always_inline)) inline void Tile3Bucket(const float* v, const float* filters,
+                                                       const int32_t* channel, int32_t size,
+                                                       Reg* acc) {
   typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), may_alias, aligned(4)));
-  const Vec* w = reinterpret_cast<const Vec*>(wf);
-  const Vec* w1 = reinterpret_cast<const Vec*>(w1f);
+  constexpr int64_t kStride = 9 * kLanes;
+  auto filter = [&](int32_t i) __attribute__((always_inline)) {
+    return reinterpret_cast<const Vec*>(filters + channel[i] * kStride);
+  };
+  const Vec* w = filter(0);
+  const Vec* w1 = filter(kSize == 2 ? 1 : 0);
   Unroll<3>([&](auto ky) __attribute__((always_inline)) {
     Reg wk[3];
     Unroll<3>([&](auto kx) __attribute__((always_inline)) {
-      if constexpr (kSum == 2) {
+      if constexpr (kSize == 2) {
         wk[kx] = w[ky * 3 + kx] + w1[ky * 3 + kx];
       } else {
         wk[kx] = w[ky * 3 + kx];
       }
     });
+    for (int32_t i = 1; kSize == 0 && i < size; ++i) {
+      const Vec* more = filter(i) + ky * 3;
+      Unroll<3>([&](auto kx) __attribute__((always_inline)) {
+        const Reg tap = more[kx];
+        wk[kx] += tap;
+      });
+    }
     Unroll<kRows>([&](auto oy) __attribute__((always_inline)) {
       const float* row = v + (oy + ky) * 5;
       asm volatile("" : "+r"(row));
@@ -449,54 +466,30 @@ __attribute__((always_inline)) inline void Tile3Bucket(const float* v, const flo
 // [kLanes], then Relu if `relu`. `in` holds the tile's 5x5 patches [C, 25], where each bucket
 // reads the one of its first channel (HashRow put the bucket's mean there). Buckets come single
 // channels first, then pairs, then larger ones (HashRow orders them so): each kind has a loop of
-// its own. A pair sums its filters in registers. The larger buckets' filters are summed before
-// anything else, into wsum [buckets, 9, kLanes]: nine independent sums in registers (one per tap,
-// over the bucket's channels) run at the adders' throughput, and no accumulator of the tile is
-// live yet to spill.
+// its own, the first two with their filter sums unrolled.
 template <int kLanes, int kRows, int kCols>
 __attribute__((always_inline)) inline void ConvTile3With(const float* in, const int32_t* order,
                                                          const int32_t* starts, int64_t buckets,
-                                                         const float* filters, float* wsum,
-                                                         const float* bias, bool relu, float* out) {
+                                                         const float* filters, const float* bias,
+                                                         bool relu, float* out) {
   typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), may_alias, aligned(4)));
   constexpr int64_t kStride = 9 * kLanes;
-  const Vec* w = reinterpret_cast<const Vec*>(filters);
-  auto prefetch = [&](int64_t b) {  // the filters of bucket b, when there is one
-    if (b < buckets) PrefetchFilters(filters, kStride, order, starts, b);
-  };
-  int64_t large = buckets;  // the first larger bucket
-  while (large > 0 && starts[large] - starts[large - 1] > 2) --large;
-  Vec* sums = reinterpret_cast<Vec*>(wsum);
-  for (int64_t b = large; b < buckets; ++b) {
-    prefetch(b + 1);
-    Vec sum[9];
-    for (int t = 0; t < 9; ++t) sum[t] = w[order[starts[b]] * 9 + t];
-    for (int32_t i = starts[b] + 1; i < starts[b + 1]; ++i) {
-      for (int t = 0; t < 9; ++t) sum[t] += w[order[i] * 9 + t];
-    }
-    for (int t = 0; t < 9; ++t) sums[(b - large) * 9 + t] = sum[t];
-  }
   // Accumulators in registers: a type without may_alias, indexed by constants only (Unroll).
   typedef float Reg __attribute__((vector_size(kLanes * sizeof(float))));
   Reg acc[kRows * kCols];
   Unroll<kRows * kCols>([&](auto p) __attribute__((always_inline)) { acc[p] = Reg{}; });
   int64_t b = 0;
-  for (; b < buckets && starts[b + 1] - starts[b] == 1; ++b) {
-    prefetch(b + kPrefetch);
-    const int32_t channel = order[starts[b]];
-    Tile3Bucket<kLanes, kRows, kCols, 1>(in + channel * 25, filters + channel * kStride, nullptr,
-                                         acc);
-  }
-  for (; b < large; ++b) {
-    prefetch(std::min(b + kPrefetch, large));
-    const int32_t* channel = order + starts[b];
-    Tile3Bucket<kLanes, kRows, kCols, 2>(in + channel[0] * 25, filters + channel[0] * kStride,
-                                           filters + channel[1] * kStride, acc);
-  }
-  for (; b < buckets; ++b) {
-    Tile3Bucket<kLanes, kRows, kCols, 1>(in + order[starts[b]] * 25,
-                                         wsum + (b - large) * kStride, nullptr, acc);
-  }
+  auto loop = [&](auto size) __attribute__((always_inline)) {  // the buckets of `size` channels
+    for (; b < buckets && (size == 0 || starts[b + 1] - starts[b] == size); ++b) {
+      if (b + kPrefetch < buckets) PrefetchFilters(filters, kStride, order, starts, b + kPrefetch);
+      const int32_t* channel = order + starts[b];
+      Tile3Bucket<kLanes, kRows, kCols, decltype(size)::value>(
+          in + channel[0] * 25, filters, channel, starts[b + 1] - starts[b], acc);
+    }
+  };
+  loop(std::integral_constant<int, 1>{});
+  loop(std::integral_constant<int, 2>{});
+  loop(std::integral_constant<int, 0>{});
   const Reg shift = *reinterpret_cast<const Vec*>(bias);
   Unroll<kRows * kCols>([&](auto p) __attribute__((always_inline)) {
     const Reg v = acc[p] + shift;
@@ -509,23 +502,23 @@ __attribute__((always_inline)) inline void ConvTile3With(const float* in, const 
 // outputs, kRows x kCols (1-3 each): tiles cut by the edge of Y (28 = 9 * 3 + 1) compute no
 // padded outputs.
 using ConvTile3Fn = void (*)(const float* in, const int32_t* order, const int32_t* starts,
-                             int64_t buckets, const float* filters, float* wsum,
-                             const float* bias, bool relu, float* out);
+                             int64_t buckets, const float* filters, const float* bias, bool relu,
+                             float* out);
 
 template <int kRows, int kCols>
 __attribute__((noinline)) void ConvTile3Portable(const float* in, const int32_t* order,
                                                  const int32_t* starts, int64_t buckets,
-                                                 const float* filters, float* wsum,
-                                                 const float* bias, bool relu, float* out) {
-  ConvTile3With<4, kRows, kCols>(in, order, starts, buckets, filters, wsum, bias, relu, out);
+                                                 const float* filters, const float* bias,
+                                                 bool relu, float* out) {
+  ConvTile3With<4, kRows, kCols>(in, order, starts, buckets, filters, bias, relu, out);
 }
 
 #if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
 template <int kRows, int kCols>
 __attribute__((target("avx2,fma"), noinline)) void ConvTile3Avx2(
     const float* in, const int32_t* order, const int32_t* starts, int64_t buckets,
-    const float* filters, float* wsum, const float* bias, bool relu, float* out) {
-  ConvTile3With<8, kRows, kCols>(in, order, starts, buckets, filters, wsum, bias, relu, out);
+    const float* filters, const float* bias, bool relu, float* out) {
+  ConvTile3With<8, kRows, kCols>(in, order, starts, buckets, filters, bias, relu, out);
 }
 #endif
 
@@ -556,10 +549,8 @@ __attribute__((always_inline)) inline void ConvWith(const Job& job, const ChunkB
   const Geometry& g = job.g;
   const int64_t taps = g.k * g.k, groups = job.split.groups, tile = g.tile;
   float out[kPixels * kLanes];
-  // Summed filters: one bucket's [K*K, kLanes], or with T = 3 those of a tile's buckets of three
-  // channels or more, [C / 3, 9, kLanes].
-  thread_local std::vector<float> wsum;
-  wsum.resize(std::max(taps, (g.c / 3 + 1) * 9) * kLanes);
+  thread_local std::vector<float> wsum;  // one bucket's summed filters [K*K, kLanes] (ConvGroup)
+  wsum.resize(taps * kLanes);
   float* sum = wsum.data();
   for (int64_t block = item.block_begin; block < item.block_end; ++block) {
     const int64_t m0 = block * kLanes;
@@ -580,8 +571,8 @@ __attribute__((always_inline)) inline void ConvWith(const Job& job, const ChunkB
           const float* in = chunk.inputs.data() + t * chunk.per_tile + group * buckets * taps * kPixels;
           if constexpr (kTile == 3) {
             // Only the rows x cols outputs inside Y, packed in `out` row after row.
-            ConvTile3For<kLanes>(rows, cols)(in, order, starts, buckets, filters, sum, bias,
-                                             job.relu, out);
+            ConvTile3For<kLanes>(rows, cols)(in, order, starts, buckets, filters, bias, job.relu,
+                                             out);
             // Channel by channel, so that each output row's few floats are stored together.
             for (int64_t l = 0; l < lanes; ++l) {
               float* dst = job.y + ((n * g.m + m0 + l) * g.out_h + y0) * g.out_w + x0;
