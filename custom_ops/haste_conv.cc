@@ -461,35 +461,66 @@ __attribute__((always_inline)) inline void Tile3Bucket(const float* v, const flo
   });
 }
 
+// The kinds of buckets, by size, in the order the T = 3 kernel takes them (ConvTile3With): single
+// channels, pairs, buckets of up to kSumInline channels, larger ones.
+constexpr int kBucketKinds = 4;
+constexpr int32_t kSumInline = 4;
+
+inline int BucketKind(int32_t size) { return size <= 2 ? size - 1 : size <= kSumInline ? 2 : 3; }
+
 // out [kRows * kCols, kLanes] = the reduced convolution of one T = 3, K = 3 tile (its kRows x
 // kCols outputs inside Y) for the output channels of one filter block [C, 9, kLanes], plus bias
 // [kLanes], then Relu if `relu`. `in` holds the tile's 5x5 patches [C, 25], where each bucket
-// reads the one of its first channel (HashRow put the bucket's mean there). Buckets come single
-// channels first, then pairs, then larger ones (HashRow orders them so): each kind has a loop of
-// its own, the first two with their filter sums unrolled.
+// reads the one of its first channel (HashRow put the bucket's mean there). Buckets come kind
+// after kind (BucketKind, HashRow orders them so), each kind with a loop of its own. Single
+// channels, pairs and buckets of up to kSumInline channels sum their filters kernel row by kernel
+// row in Tile3Bucket. The filters of larger buckets are summed before anything else, into wsum
+// [buckets, 9, kLanes], whole filters at a time: nine independent sums run at the adders'
+// throughput and read each filter in one stream, where three sums per kernel row would wait on
+// each other and read every filter three times over (ResNet-18's 512 x 2x2 layers, with buckets of
+// hundreds of channels, were 15-20 % slower that way).
 template <int kLanes, int kRows, int kCols>
 __attribute__((always_inline)) inline void ConvTile3With(const float* in, const int32_t* order,
                                                          const int32_t* starts, int64_t buckets,
-                                                         const float* filters, const float* bias,
-                                                         bool relu, float* out) {
+                                                         const float* filters, float* wsum,
+                                                         const float* bias, bool relu, float* out) {
   typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), may_alias, aligned(4)));
   constexpr int64_t kStride = 9 * kLanes;
+  int64_t large = buckets;  // the first larger bucket
+  while (large > 0 && starts[large] - starts[large - 1] > kSumInline) --large;
+  const Vec* w = reinterpret_cast<const Vec*>(filters);
+  Vec* sums = reinterpret_cast<Vec*>(wsum);
+  for (int64_t b = large; b < buckets; ++b) {
+    if (b + 1 < buckets) PrefetchFilters(filters, kStride, order, starts, b + 1);
+    Vec sum[9];
+    for (int t = 0; t < 9; ++t) sum[t] = w[order[starts[b]] * 9 + t];
+    for (int32_t i = starts[b] + 1; i < starts[b + 1]; ++i) {
+      for (int t = 0; t < 9; ++t) sum[t] += w[order[i] * 9 + t];
+    }
+    for (int t = 0; t < 9; ++t) sums[(b - large) * 9 + t] = sum[t];
+  }
   // Accumulators in registers: a type without may_alias, indexed by constants only (Unroll).
   typedef float Reg __attribute__((vector_size(kLanes * sizeof(float))));
   Reg acc[kRows * kCols];
   Unroll<kRows * kCols>([&](auto p) __attribute__((always_inline)) { acc[p] = Reg{}; });
   int64_t b = 0;
-  auto loop = [&](auto size) __attribute__((always_inline)) {  // the buckets of `size` channels
-    for (; b < buckets && (size == 0 || starts[b + 1] - starts[b] == size); ++b) {
-      if (b + kPrefetch < buckets) PrefetchFilters(filters, kStride, order, starts, b + kPrefetch);
+  auto loop = [&](auto size, int64_t end) __attribute__((always_inline)) {
+    // the buckets of `size` channels (any number up to kSumInline if 0) before `end`
+    for (; b < end && (size == 0 || starts[b + 1] - starts[b] == size); ++b) {
+      if (b + kPrefetch < end) PrefetchFilters(filters, kStride, order, starts, b + kPrefetch);
       const int32_t* channel = order + starts[b];
       Tile3Bucket<kLanes, kRows, kCols, decltype(size)::value>(
           in + channel[0] * 25, filters, channel, starts[b + 1] - starts[b], acc);
     }
   };
-  loop(std::integral_constant<int, 1>{});
-  loop(std::integral_constant<int, 2>{});
-  loop(std::integral_constant<int, 0>{});
+  loop(std::integral_constant<int, 1>{}, large);
+  loop(std::integral_constant<int, 2>{}, large);
+  loop(std::integral_constant<int, 0>{}, large);
+  static constexpr int32_t kFirst[1] = {0};  // a larger bucket's summed filters, as one channel
+  for (; b < buckets; ++b) {
+    Tile3Bucket<kLanes, kRows, kCols, 1>(in + order[starts[b]] * 25, wsum + (b - large) * kStride,
+                                         kFirst, 1, acc);
+  }
   const Reg shift = *reinterpret_cast<const Vec*>(bias);
   Unroll<kRows * kCols>([&](auto p) __attribute__((always_inline)) {
     const Reg v = acc[p] + shift;
@@ -502,23 +533,23 @@ __attribute__((always_inline)) inline void ConvTile3With(const float* in, const 
 // outputs, kRows x kCols (1-3 each): tiles cut by the edge of Y (28 = 9 * 3 + 1) compute no
 // padded outputs.
 using ConvTile3Fn = void (*)(const float* in, const int32_t* order, const int32_t* starts,
-                             int64_t buckets, const float* filters, const float* bias, bool relu,
-                             float* out);
+                             int64_t buckets, const float* filters, float* wsum,
+                             const float* bias, bool relu, float* out);
 
 template <int kRows, int kCols>
 __attribute__((noinline)) void ConvTile3Portable(const float* in, const int32_t* order,
                                                  const int32_t* starts, int64_t buckets,
-                                                 const float* filters, const float* bias,
-                                                 bool relu, float* out) {
-  ConvTile3With<4, kRows, kCols>(in, order, starts, buckets, filters, bias, relu, out);
+                                                 const float* filters, float* wsum,
+                                                 const float* bias, bool relu, float* out) {
+  ConvTile3With<4, kRows, kCols>(in, order, starts, buckets, filters, wsum, bias, relu, out);
 }
 
 #if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
 template <int kRows, int kCols>
 __attribute__((target("avx2,fma"), noinline)) void ConvTile3Avx2(
     const float* in, const int32_t* order, const int32_t* starts, int64_t buckets,
-    const float* filters, const float* bias, bool relu, float* out) {
-  ConvTile3With<8, kRows, kCols>(in, order, starts, buckets, filters, bias, relu, out);
+    const float* filters, float* wsum, const float* bias, bool relu, float* out) {
+  ConvTile3With<8, kRows, kCols>(in, order, starts, buckets, filters, wsum, bias, relu, out);
 }
 #endif
 
@@ -549,8 +580,10 @@ __attribute__((always_inline)) inline void ConvWith(const Job& job, const ChunkB
   const Geometry& g = job.g;
   const int64_t taps = g.k * g.k, groups = job.split.groups, tile = g.tile;
   float out[kPixels * kLanes];
-  thread_local std::vector<float> wsum;  // one bucket's summed filters [K*K, kLanes] (ConvGroup)
-  wsum.resize(taps * kLanes);
+  // Summed filters: one bucket's [K*K, kLanes] (ConvGroup), or with T = 3 those of a tile's
+  // larger buckets, [C / (kSumInline + 1), 9, kLanes].
+  thread_local std::vector<float> wsum;
+  wsum.resize(std::max(taps, (g.c / (kSumInline + 1) + 1) * 9) * kLanes);
   float* sum = wsum.data();
   for (int64_t block = item.block_begin; block < item.block_end; ++block) {
     const int64_t m0 = block * kLanes;
@@ -571,8 +604,8 @@ __attribute__((always_inline)) inline void ConvWith(const Job& job, const ChunkB
           const float* in = chunk.inputs.data() + t * chunk.per_tile + group * buckets * taps * kPixels;
           if constexpr (kTile == 3) {
             // Only the rows x cols outputs inside Y, packed in `out` row after row.
-            ConvTile3For<kLanes>(rows, cols)(in, order, starts, buckets, filters, bias, job.relu,
-                                             out);
+            ConvTile3For<kLanes>(rows, cols)(in, order, starts, buckets, filters, sum, bias,
+                                             job.relu, out);
             // Channel by channel, so that each output row's few floats are stored together.
             for (int64_t l = 0; l < lanes; ++l) {
               float* dst = job.y + ((n * g.m + m0 + l) * g.out_h + y0) * g.out_w + x0;
@@ -736,17 +769,19 @@ void HashRow(const Job& job, ChunkBuckets& chunk, int64_t row) {
         GroupCodes(s.codes.data(), g.c, s.slots, s.bucket.data(), s.size.data());
     chunk.count[t] = buckets;
 
-    // Single channels come first, then pairs, then larger buckets (the kernel has a loop for
-    // each), each kind in the order of its first channel, so that the kernel walks the filters
-    // forwards; channels stay in ascending order in each bucket.
+    // Buckets come kind after kind (BucketKind: the kernel has a loop for each), each kind in
+    // the order of its first channel, so that the kernel walks the filters forwards; channels
+    // stay in ascending order in each bucket.
     int32_t* order = chunk.order.data() + t * g.c;
     int32_t* starts = chunk.starts.data() + t * (g.c + 1);
-    int32_t next[3] = {0, 0, 0};
-    for (int64_t b = 0; b < buckets; ++b) ++next[std::min(s.size[b], 3) - 1];
-    next[2] = next[0] + next[1], next[1] = next[0], next[0] = 0;
+    int32_t next[kBucketKinds] = {};
+    for (int64_t b = 0; b < buckets; ++b) ++next[BucketKind(s.size[b])];
+    for (int64_t kind = kBucketKinds - 1, total = buckets; kind >= 0; --kind) {
+      next[kind] = static_cast<int32_t>(total -= next[kind]);  // where the kind starts
+    }
     starts[0] = 0;
     for (int64_t b = 0; b < buckets; ++b) {
-      s.rank[b] = next[std::min(s.size[b], 3) - 1]++;
+      s.rank[b] = next[BucketKind(s.size[b])]++;
       starts[s.rank[b] + 1] = s.size[b];
     }
     for (int64_t b = 0; b < buckets; ++b) starts[b + 1] += starts[b];
