@@ -582,7 +582,7 @@ __attribute__((always_inline)) inline void ConvWith(const Job& job, const ChunkB
   float out[kPixels * kLanes];
   // Summed filters: one bucket's [K*K, kLanes] (ConvGroup), or with T = 3 those of a tile's
   // larger buckets, [C / (kSumInline + 1), 9, kLanes].
-  thread_local std::vector<float> wsum;
+  thread_local AlignedVector<float> wsum;
   wsum.resize(std::max(taps, (g.c / (kSumInline + 1) + 1) * 9) * kLanes);
   float* sum = wsum.data();
   for (int64_t block = item.block_begin; block < item.block_end; ++block) {
@@ -987,7 +987,7 @@ int64_t FilterLanes() { return HasAvx2() ? 8 : 4; }
 PackedFilters PackFilters(const float* w, const std::vector<int64_t>& w_shape, int64_t lanes) {
   const int64_t m = w_shape[0], c = w_shape[1], taps = w_shape[2] * w_shape[3];
   const int64_t blocks = (m + lanes - 1) / lanes;
-  PackedFilters packed{w_shape, lanes, std::vector<float>(blocks * lanes * c * taps, 0.0f)};
+  PackedFilters packed{w_shape, lanes, AlignedVector<float>(blocks * lanes * c * taps, 0.0f)};
   for (int64_t o = 0; o < m; ++o) {
     float* block = packed.data.data() + (o / lanes) * c * taps * lanes + o % lanes;
     for (int64_t i = 0; i < c * taps; ++i) block[i * lanes] = w[o * c * taps + i];

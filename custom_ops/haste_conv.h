@@ -7,7 +7,9 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <array>
+#include <cstddef>
 #include <cstdint>
+#include <new>
 #include <utility>
 #include <vector>
 
@@ -24,12 +26,37 @@ struct HasteConvAttributes {
   bool relu = false;
 };
 
+// Allocates on cache-line (64-byte) boundaries, so that no vector of 8 floats read from the
+// storage straddles two lines: std::vector's default storage is only 16-byte aligned, and then
+// every other 32-byte filter load of the kernel touched two cache lines.
+template <typename T>
+struct CacheLineAllocator {
+  using value_type = T;
+  static constexpr std::align_val_t kAlignment{64};
+  CacheLineAllocator() = default;
+  template <typename U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), kAlignment)); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, kAlignment); }
+  template <typename U>
+  bool operator==(const CacheLineAllocator<U>&) const {
+    return true;
+  }
+  template <typename U>
+  bool operator!=(const CacheLineAllocator<U>&) const {
+    return false;
+  }
+};
+
+template <typename T>
+using AlignedVector = std::vector<T, CacheLineAllocator<T>>;
+
 // W [M, C, K, K] repacked for the convolution kernel: blocks of `lanes` output channels (one
 // vector register), [ceil(M / lanes), C, K*K, lanes], zero past M.
 struct PackedFilters {
   std::vector<int64_t> w_shape;  // the shape of the W it was made from
   int64_t lanes = 0;
-  std::vector<float> data;
+  AlignedVector<float> data;
 };
 
 // Output channels per vector register of the kernel this CPU runs (8 with AVX2, else 4).
