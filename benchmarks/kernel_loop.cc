@@ -29,7 +29,8 @@ int main(int argc, char** argv) {
   }
   std::mt19937 rng(0);
   std::normal_distribution<float> normal;
-  std::vector<float> filters(channels * 9 * 8), in(tiles * channels * 25), wsum(channels * 72);
+  AlignedVector<float> filters(channels * 9 * 8), wsum(channels * 72);  // aligned as in the op
+  std::vector<float> in(tiles * channels * 25);
   std::vector<float> out(72), bias(8);
   for (float& v : filters) v = normal(rng);
   for (float& v : in) v = normal(rng);
