@@ -1,0 +1,133 @@
+"""Compare builds of the HasteConv library side by side, each as a ratio to onnxruntime's Conv.
+
+For telling kernel variants apart on a noisy machine: every session (Conv, then each library in
+the order given) runs in turn, repetition after repetition, on one thread; a sample is the
+calling thread's CPU time over a few runs, and each cell is the minimum over the repetitions
+divided by Conv's minimum. Give a library twice to see the spread between two alternations.
+
+    python benchmarks/compare_builds.py OLD.so NEW.so OLD.so NEW.so \\
+        [--case 128:28:0.5 ...] [--layer features.21 ...] [--repeats 20]
+
+A case is C:H:r_target, a single 3x3 layer with C = M on an input of controlled redundancy (as
+in bench_conv.py); a layer is a 3x3 layer of the trained Fashion-MNIST models by node name, fed
+with its real activations (batch 8). The last columns give the largest output difference
+against the first library.
+"""
+
+# ruff: noqa: E402  (the BLAS thread count must be set before numpy is imported)
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable, Sequence
+
+for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from bench_conv import (
+    FASHION_MODELS,
+    SPARSITY,
+    capture_inputs,
+    constants,
+    eligible_convs,
+    fashion_images,
+    measured_r,
+    one_layer_model,
+    redundant_input,
+    session_options,
+)
+
+from haste_onnx.hashing import make_planes
+from haste_onnx.opdef import DEFAULT_TILE
+
+DEFAULT_CASES = ("128:28:0.5", "256:14:0.5", "512:7:0.5")
+
+
+def session(model: onnx.ModelProto, library: str | None) -> ort.InferenceSession:
+    options = session_options(1)
+    if library:
+        options.register_custom_ops_library(library)
+    return ort.InferenceSession(
+        model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
+    )
+
+
+def min_cpu_times(runs: Sequence[Callable[[], object]], repeats: int) -> list[float]:
+    """Per run: the minimum over `repeats` samples of thread CPU time, the runs interleaved."""
+    start = time.thread_time()
+    runs[0]()
+    calls = max(2, int(0.01 / max(time.thread_time() - start, 1e-5)))  # ~10 ms per sample
+    best = [float("inf")] * len(runs)
+    for _ in range(repeats):
+        for i, run in enumerate(runs):
+            start = time.thread_time()
+            for _ in range(calls):
+                run()
+            best[i] = min(best[i], (time.thread_time() - start) / calls)
+    return best
+
+
+def compare(
+    label: str,
+    x: np.ndarray,
+    w: np.ndarray,
+    b: np.ndarray | None,
+    libraries: Sequence[str],
+    repeats: int,
+) -> None:
+    planes = make_planes(14, (DEFAULT_TILE + 2) ** 2, SPARSITY, 0)
+    feed = {"X": x}
+    sessions = [session(one_layer_model(x.shape, w, b, None), None)]
+    sessions += [session(one_layer_model(x.shape, w, b, planes), lib) for lib in libraries]
+    outputs = [s.run(None, feed)[0] for s in sessions[1:]]
+    diffs = [float(np.abs(y - outputs[0]).max()) for y in outputs[1:]]
+    times = min_cpu_times([lambda s=s: s.run(None, feed) for s in sessions], repeats)
+    ratios = " | ".join(f"{t / times[0]:.3f}" for t in times[1:])
+    r = measured_r(x, planes, DEFAULT_TILE)
+    print(f"| {label} | {r:.2f} | {times[0] * 1e3:.2f} | {ratios} | {diffs} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("libraries", nargs="+", help="builds of libhaste_onnx_ops.so")
+    parser.add_argument("--case", action="append", help="C:H:r_target (default: three cases)")
+    parser.add_argument("--layer", action="append", default=[], help="a Fashion model's layer")
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    cases = args.case or ([] if args.layer else list(DEFAULT_CASES))
+
+    print(f"onnxruntime {ort.__version__}; HasteConv time / Conv time, minimum of")
+    print(f"{args.repeats} interleaved samples of thread CPU time, 1 thread, L = 14\n")
+    columns = " | ".join(os.path.basename(lib) for lib in args.libraries)
+    print(f"| layer | r | Conv ms | {columns} | max difference to the first |")
+    print("|" + "---|" * (4 + len(args.libraries)))
+    rng = np.random.default_rng(0)
+    for case in cases:
+        channels, size, target = (float(v) for v in case.split(":"))
+        c = int(channels)
+        w = (rng.standard_normal((c, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32)
+        b = rng.standard_normal(c).astype(np.float32)
+        x = redundant_input(c, int(size), target, rng)
+        compare(f"{c} x {int(size)}x{int(size)}", x, w, b, args.libraries, args.repeats)
+    found = set()
+    for path in FASHION_MODELS.values() if args.layer else ():
+        model = onnx.load(path)
+        inits = constants(model)
+        convs = [n for n in eligible_convs(model) if n.name in args.layer]
+        if not convs:
+            continue
+        xs = capture_inputs(model, [n.input[0] for n in convs], {"input": fashion_images(8)})
+        for node, x in zip(convs, xs):
+            b = inits[node.input[2]] if len(node.input) > 2 and node.input[2] else None
+            compare(node.name, x, inits[node.input[1]], b, args.libraries, args.repeats)
+            found.add(node.name)
+    if missing := sorted(set(args.layer) - found):
+        parser.error(f"no eligible 3x3 layer named {', '.join(missing)} in the Fashion models")
+
+
+if __name__ == "__main__":
+    main()
