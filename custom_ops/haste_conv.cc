@@ -404,50 +404,45 @@ __attribute__((always_inline)) inline void Unroll(F&& f) {
   UnrollWith(f, std::make_integer_sequence<int, kN>{});
 }
 
-// One bucket's share of a T = 3, K = 3 tile: acc [kBlocks, kRows * kCols] += the 3x3
-// convolution of its 5x5 (merged) input v with the sum of the filters [9, kLanes] of its `size`
-// channels (kSize of them, or any number when kSize is 0), in kBlocks filter blocks [C, 9, kLanes]
-// `block_stride` floats apart. Kernel row by kernel row: the row's three taps per block, summed
-// over the channels, stay in registers while each input row they meet is broadcast once, element
-// by element, into the FMAs of its outputs, so that every broadcast dies at once (9 accumulators,
-// 3 taps and 1 broadcast fit in 16 registers; with two blocks, 6 accumulators at most and 6 taps).
-// Summing the taps here, next to the FMAs of the kernel row before, lets the filter reads of a
-// merged bucket overlap the arithmetic instead of going first in a loop of their own that waits on
-// the cache (a filter block is larger than L1). The empty asm hides that the rows read for
-// different kernel rows are the same memory: shared, the broadcasts would outlive the registers
-// and spill. Each output sums its taps in the order 0..8, as the reference does; each tap sums
-// its channels in the bucket's order.
-template <int kLanes, int kRows, int kCols, int kSize, int kBlocks, typename Reg>
+// One bucket's share of a T = 3, K = 3 tile: acc [kRows * kCols] += the 3x3 convolution of its
+// 5x5 (merged) input v with the sum of the filters [9, kLanes] of its `size` channels (kSize of
+// them, or any number when kSize is 0), in one filter block [C, 9, kLanes]. Kernel row by kernel
+// row: the row's three taps, summed over the channels, stay in registers while each input row
+// they meet is broadcast once, element by element, into the FMAs of its outputs, so that every
+// broadcast dies at once (9 accumulators, 3 taps and 1 broadcast fit in 16 registers). Summing
+// the taps here, next to the FMAs of the kernel row before, lets the filter reads of a merged
+// bucket overlap the arithmetic instead of going first in a loop of their own that waits on the
+// cache (a filter block is larger than L1). The empty asm hides that the rows read for different
+// kernel rows are the same memory: shared, the broadcasts would outlive the registers and spill.
+// Each output sums its taps in the order 0..8, as the reference does; each tap sums its channels
+// in the bucket's order.
+template <int kLanes, int kRows, int kCols, int kSize, typename Reg>
 __attribute__((always_inline)) inline void Tile3Bucket(const float* v, const float* filters,
-                                                       int64_t block_stride,
                                                        const int32_t* channel, int32_t size,
                                                        Reg* acc) {
   typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), may_alias, aligned(4)));
   constexpr int64_t kStride = 9 * kLanes;
-  constexpr int kOutputs = kRows * kCols;
-  auto filter = [&](int32_t i, int block) __attribute__((always_inline)) {
-    return reinterpret_cast<const Vec*>(filters + block * block_stride + channel[i] * kStride);
+  auto filter = [&](int32_t i) __attribute__((always_inline)) {
+    return reinterpret_cast<const Vec*>(filters + channel[i] * kStride);
   };
+  const Vec* w = filter(0);
+  const Vec* w1 = filter(kSize == 2 ? 1 : 0);
   Unroll<3>([&](auto ky) __attribute__((always_inline)) {
-    Reg wk[kBlocks * 3];
-    Unroll<kBlocks>([&](auto block) __attribute__((always_inline)) {
-      const Vec* w = filter(0, block) + ky * 3;
-      const Vec* w1 = filter(kSize == 2 ? 1 : 0, block) + ky * 3;
-      Unroll<3>([&](auto kx) __attribute__((always_inline)) {
-        if constexpr (kSize == 2) {
-          wk[block * 3 + kx] = w[kx] + w1[kx];
-        } else {
-          wk[block * 3 + kx] = w[kx];
-        }
-      });
-      for (int32_t i = 1; kSize == 0 && i < size; ++i) {
-        const Vec* more = filter(i, block) + ky * 3;
-        Unroll<3>([&](auto kx) __attribute__((always_inline)) {
-          const Reg tap = more[kx];
-          wk[block * 3 + kx] += tap;
-        });
+    Reg wk[3];
+    Unroll<3>([&](auto kx) __attribute__((always_inline)) {
+      if constexpr (kSize == 2) {
+        wk[kx] = w[ky * 3 + kx] + w1[ky * 3 + kx];
+      } else {
+        wk[kx] = w[ky * 3 + kx];
       }
     });
+    for (int32_t i = 1; kSize == 0 && i < size; ++i) {
+      const Vec* more = filter(i) + ky * 3;
+      Unroll<3>([&](auto kx) __attribute__((always_inline)) {
+        const Reg tap = more[kx];
+        wk[kx] += tap;
+      });
+    }
     Unroll<kRows>([&](auto oy) __attribute__((always_inline)) {
       const float* row = v + (oy + ky) * 5;
       asm volatile("" : "+r"(row));
@@ -458,10 +453,7 @@ __attribute__((always_inline)) inline void Tile3Bucket(const float* v, const flo
         Unroll<3>([&](auto kx) __attribute__((always_inline)) {
           constexpr int ox = decltype(j)::value - 2 + decltype(kx)::value;  // kx = 2, 1, 0
           if constexpr (ox >= 0 && ox < kCols) {
-            Unroll<kBlocks>([&](auto block) __attribute__((always_inline)) {
-              MultiplyAdd<kLanes>(&acc[block * kOutputs + oy * kCols + ox], in_j,
-                                  wk[block * 3 + 2 - kx]);
-            });
+            MultiplyAdd<kLanes>(&acc[oy * kCols + ox], in_j, wk[2 - kx]);
           }
         });
       });
@@ -476,61 +468,49 @@ constexpr int32_t kSumInline = 4;
 
 inline int BucketKind(int32_t size) { return size <= 2 ? size - 1 : size <= kSumInline ? 2 : 3; }
 
-// out [kBlocks, kRows * kCols, kLanes] = the reduced convolution of one T = 3, K = 3 tile (its
-// kRows x kCols outputs inside Y) for the output channels of kBlocks filter blocks [C, 9, kLanes],
-// `block_stride` floats apart, plus bias [kBlocks, kLanes], then Relu if `relu`. `in` holds the
-// tile's 5x5 patches [C, 25], where each bucket reads the one of its first channel (HashRow put
-// the bucket's mean there). Buckets come kind after kind (BucketKind, HashRow orders them so),
-// each kind with a loop of its own. Single channels, pairs and buckets of up to kSumInline
-// channels sum their filters kernel row by kernel row in Tile3Bucket. The filters of larger
-// buckets are summed before anything else, into wsum [buckets, kBlocks, 9, kLanes], whole filters
-// at a time: nine independent sums run at the adders' throughput and read each filter in one
-// stream, where three sums per kernel row would wait on each other and read every filter three
-// times over (ResNet-18's 512 x 2x2 layers, with buckets of hundreds of channels, were 15-20 %
-// slower that way). Two filter blocks per visit of a bucket serve the tiles cut by the edge of Y
-// (ConvWith): they share the bucket's bookkeeping and broadcasts, which otherwise weigh more than
-// the few FMAs of their outputs.
-template <int kLanes, int kRows, int kCols, int kBlocks>
+// out [kRows * kCols, kLanes] = the reduced convolution of one T = 3, K = 3 tile (its kRows x
+// kCols outputs inside Y) for the output channels of one filter block [C, 9, kLanes], plus bias
+// [kLanes], then Relu if `relu`. `in` holds the tile's 5x5 patches [C, 25], where each bucket
+// reads the one of its first channel (HashRow put the bucket's mean there). Buckets come kind
+// after kind (BucketKind, HashRow orders them so), each kind with a loop of its own. Single
+// channels, pairs and buckets of up to kSumInline channels sum their filters kernel row by kernel
+// row in Tile3Bucket. The filters of larger buckets are summed before anything else, into wsum
+// [buckets, 9, kLanes], whole filters at a time: nine independent sums run at the adders'
+// throughput and read each filter in one stream, where three sums per kernel row would wait on
+// each other and read every filter three times over (ResNet-18's 512 x 2x2 layers, with buckets of
+// hundreds of channels, were 15-20 % slower that way).
+template <int kLanes, int kRows, int kCols>
 __attribute__((always_inline)) inline void ConvTile3With(const float* in, const int32_t* order,
                                                          const int32_t* starts, int64_t buckets,
-                                                         const float* filters,
-                                                         int64_t block_stride, float* wsum,
+                                                         const float* filters, float* wsum,
                                                          const float* bias, bool relu, float* out) {
   typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), may_alias, aligned(4)));
   constexpr int64_t kStride = 9 * kLanes;
-  constexpr int kOutputs = kRows * kCols;
-  auto prefetch = [&](int64_t b) __attribute__((always_inline)) {
-    for (int block = 0; block < kBlocks; ++block) {
-      PrefetchFilters(filters + block * block_stride, kStride, order, starts, b);
-    }
-  };
   int64_t large = buckets;  // the first larger bucket
   while (large > 0 && starts[large] - starts[large - 1] > kSumInline) --large;
+  const Vec* w = reinterpret_cast<const Vec*>(filters);
   Vec* sums = reinterpret_cast<Vec*>(wsum);
   for (int64_t b = large; b < buckets; ++b) {
-    if (b + 1 < buckets) prefetch(b + 1);
-    for (int block = 0; block < kBlocks; ++block) {
-      const Vec* w = reinterpret_cast<const Vec*>(filters + block * block_stride);
-      Vec sum[9];
-      for (int t = 0; t < 9; ++t) sum[t] = w[order[starts[b]] * 9 + t];
-      for (int32_t i = starts[b] + 1; i < starts[b + 1]; ++i) {
-        for (int t = 0; t < 9; ++t) sum[t] += w[order[i] * 9 + t];
-      }
-      for (int t = 0; t < 9; ++t) sums[((b - large) * kBlocks + block) * 9 + t] = sum[t];
+    if (b + 1 < buckets) PrefetchFilters(filters, kStride, order, starts, b + 1);
+    Vec sum[9];
+    for (int t = 0; t < 9; ++t) sum[t] = w[order[starts[b]] * 9 + t];
+    for (int32_t i = starts[b] + 1; i < starts[b + 1]; ++i) {
+      for (int t = 0; t < 9; ++t) sum[t] += w[order[i] * 9 + t];
     }
+    for (int t = 0; t < 9; ++t) sums[(b - large) * 9 + t] = sum[t];
   }
   // Accumulators in registers: a type without may_alias, indexed by constants only (Unroll).
   typedef float Reg __attribute__((vector_size(kLanes * sizeof(float))));
-  Reg acc[kBlocks * kOutputs];
-  Unroll<kBlocks * kOutputs>([&](auto p) __attribute__((always_inline)) { acc[p] = Reg{}; });
+  Reg acc[kRows * kCols];
+  Unroll<kRows * kCols>([&](auto p) __attribute__((always_inline)) { acc[p] = Reg{}; });
   int64_t b = 0;
   auto loop = [&](auto size, int64_t end) __attribute__((always_inline)) {
     // the buckets of `size` channels (any number up to kSumInline if 0) before `end`
     for (; b < end && (size == 0 || starts[b + 1] - starts[b] == size); ++b) {
-      if (b + kPrefetch < end) prefetch(b + kPrefetch);
+      if (b + kPrefetch < end) PrefetchFilters(filters, kStride, order, starts, b + kPrefetch);
       const int32_t* channel = order + starts[b];
-      Tile3Bucket<kLanes, kRows, kCols, decltype(size)::value, kBlocks>(
-          in + channel[0] * 25, filters, block_stride, channel, starts[b + 1] - starts[b], acc);
+      Tile3Bucket<kLanes, kRows, kCols, decltype(size)::value>(
+          in + channel[0] * 25, filters, channel, starts[b + 1] - starts[b], acc);
     }
   };
   loop(std::integral_constant<int, 1>{}, large);
@@ -538,12 +518,11 @@ __attribute__((always_inline)) inline void ConvTile3With(const float* in, const 
   loop(std::integral_constant<int, 0>{}, large);
   static constexpr int32_t kFirst[1] = {0};  // a larger bucket's summed filters, as one channel
   for (; b < buckets; ++b) {
-    Tile3Bucket<kLanes, kRows, kCols, 1, kBlocks>(in + order[starts[b]] * 25,
-                                                  wsum + (b - large) * kBlocks * kStride, kStride,
-                                                  kFirst, 1, acc);
+    Tile3Bucket<kLanes, kRows, kCols, 1>(in + order[starts[b]] * 25, wsum + (b - large) * kStride,
+                                         kFirst, 1, acc);
   }
-  Unroll<kBlocks * kOutputs>([&](auto p) __attribute__((always_inline)) {
-    const Reg shift = *reinterpret_cast<const Vec*>(bias + p / kOutputs * kLanes);
+  const Reg shift = *reinterpret_cast<const Vec*>(bias);
+  Unroll<kRows * kCols>([&](auto p) __attribute__((always_inline)) {
     const Reg v = acc[p] + shift;
     reinterpret_cast<Vec*>(out)[p] = relu ? (v > 0.0f ? v : Reg{}) : v;
   });
@@ -554,148 +533,97 @@ __attribute__((always_inline)) inline void ConvTile3With(const float* in, const 
 // outputs, kRows x kCols (1-3 each): tiles cut by the edge of Y (28 = 9 * 3 + 1) compute no
 // padded outputs.
 using ConvTile3Fn = void (*)(const float* in, const int32_t* order, const int32_t* starts,
-                             int64_t buckets, const float* filters, int64_t block_stride,
-                             float* wsum, const float* bias, bool relu, float* out);
+                             int64_t buckets, const float* filters, float* wsum,
+                             const float* bias, bool relu, float* out);
 
-// Tiles with at most this many valid outputs (a row or a column cut by the edge of Y) take two
-// filter blocks per visit of a bucket. Not 2x2 tiles: on ResNet-18's 512 x 2x2 layers, whose
-// buckets are mostly summed up front, two blocks at once were 0-5 % slower.
-constexpr int64_t kPairedOutputs = 3;
-
-template <int kRows, int kCols, int kBlocks>
+template <int kRows, int kCols>
 __attribute__((noinline)) void ConvTile3Portable(const float* in, const int32_t* order,
                                                  const int32_t* starts, int64_t buckets,
-                                                 const float* filters, int64_t block_stride,
-                                                 float* wsum, const float* bias, bool relu,
-                                                 float* out) {
-  ConvTile3With<4, kRows, kCols, kBlocks>(in, order, starts, buckets, filters, block_stride, wsum,
-                                          bias, relu, out);
+                                                 const float* filters, float* wsum,
+                                                 const float* bias, bool relu, float* out) {
+  ConvTile3With<4, kRows, kCols>(in, order, starts, buckets, filters, wsum, bias, relu, out);
 }
 
 #if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
-template <int kRows, int kCols, int kBlocks>
+template <int kRows, int kCols>
 __attribute__((target("avx2,fma"), noinline)) void ConvTile3Avx2(
     const float* in, const int32_t* order, const int32_t* starts, int64_t buckets,
-    const float* filters, int64_t block_stride, float* wsum, const float* bias, bool relu,
-    float* out) {
-  ConvTile3With<8, kRows, kCols, kBlocks>(in, order, starts, buckets, filters, block_stride, wsum,
-                                          bias, relu, out);
+    const float* filters, float* wsum, const float* bias, bool relu, float* out) {
+  ConvTile3With<8, kRows, kCols>(in, order, starts, buckets, filters, wsum, bias, relu, out);
 }
 #endif
 
-// The kernels of one instruction set, F<rows, cols, blocks>, by shape: one filter block for
-// every shape, two for the shapes of at most kPairedOutputs outputs (null for the others).
-// Two blocks keep 3 x 2 accumulators, 2 x 3 taps and a broadcast in registers.
-template <template <int, int, int> class F>
-struct Tile3Table {
-  static constexpr ConvTile3Fn one[9] = {F<1, 1, 1>::fn, F<1, 2, 1>::fn, F<1, 3, 1>::fn,
-                                         F<2, 1, 1>::fn, F<2, 2, 1>::fn, F<2, 3, 1>::fn,
-                                         F<3, 1, 1>::fn, F<3, 2, 1>::fn, F<3, 3, 1>::fn};
-  static constexpr ConvTile3Fn two[9] = {F<1, 1, 2>::fn, F<1, 2, 2>::fn, F<1, 3, 2>::fn,
-                                         F<2, 1, 2>::fn, nullptr,        nullptr,
-                                         F<3, 1, 2>::fn, nullptr,        nullptr};
-};
-
-template <int kRows, int kCols, int kBlocks>
-struct PortableTile3 {
-  static constexpr ConvTile3Fn fn = ConvTile3Portable<kRows, kCols, kBlocks>;
-};
-
-#if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
-template <int kRows, int kCols, int kBlocks>
-struct Avx2Tile3 {
-  static constexpr ConvTile3Fn fn = ConvTile3Avx2<kRows, kCols, kBlocks>;
-};
-#endif
-
-// The kernel for kLanes-wide filter blocks, `rows` x `cols` valid outputs (1-3 each) and `blocks`
-// filter blocks per visit (2 only for at most kPairedOutputs outputs).
+// The kernel for a kLanes-wide filter block and `rows` x `cols` valid outputs (1-3 each).
 template <int kLanes>
-ConvTile3Fn ConvTile3For(int64_t rows, int64_t cols, int64_t blocks) {
-  const int64_t shape = (rows - 1) * 3 + cols - 1;
+ConvTile3Fn ConvTile3For(int64_t rows, int64_t cols) {
 #if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
   if constexpr (kLanes == 8) {
-    return blocks == 2 ? Tile3Table<Avx2Tile3>::two[shape] : Tile3Table<Avx2Tile3>::one[shape];
+    static constexpr ConvTile3Fn table[9] = {
+        ConvTile3Avx2<1, 1>, ConvTile3Avx2<1, 2>, ConvTile3Avx2<1, 3>,
+        ConvTile3Avx2<2, 1>, ConvTile3Avx2<2, 2>, ConvTile3Avx2<2, 3>,
+        ConvTile3Avx2<3, 1>, ConvTile3Avx2<3, 2>, ConvTile3Avx2<3, 3>};
+    return table[(rows - 1) * 3 + cols - 1];
   }
 #endif
-  return blocks == 2 ? Tile3Table<PortableTile3>::two[shape]
-                     : Tile3Table<PortableTile3>::one[shape];
+  static constexpr ConvTile3Fn table[9] = {
+      ConvTile3Portable<1, 1>, ConvTile3Portable<1, 2>, ConvTile3Portable<1, 3>,
+      ConvTile3Portable<2, 1>, ConvTile3Portable<2, 2>, ConvTile3Portable<2, 3>,
+      ConvTile3Portable<3, 1>, ConvTile3Portable<3, 2>, ConvTile3Portable<3, 3>};
+  return table[(rows - 1) * 3 + cols - 1];
 }
 
 // Convolves the rows of one work item, filter block after filter block (so that a block is read
 // once for all of the item's tiles, whose inputs stay in cache), and writes Y with bias and Relu.
-// With T = 3 the blocks go by in pairs, in two passes over the item's tiles: the first convolves
-// the full tiles for the first block and the tiles of at most kPairedOutputs outputs (cut by the
-// edge of Y) for both blocks at once, the second the full tiles for the second block.
 template <int kLanes, int kPixels, int kTile>
 __attribute__((always_inline)) inline void ConvWith(const Job& job, const ChunkBuckets& chunk,
                                                     const WorkItem& item) {
   const Geometry& g = job.g;
   const int64_t taps = g.k * g.k, groups = job.split.groups, tile = g.tile;
-  const int64_t block_stride = g.c * taps * kLanes;  // floats from one filter block to the next
-  float out[2 * kPixels * kLanes];
+  float out[kPixels * kLanes];
   // Summed filters: one bucket's [K*K, kLanes] (ConvGroup), or with T = 3 those of a tile's
-  // larger buckets, [C / (kSumInline + 1), 2, 9, kLanes].
+  // larger buckets, [C / (kSumInline + 1), 9, kLanes].
   thread_local AlignedVector<float> wsum;
-  wsum.resize(std::max(taps, (g.c / (kSumInline + 1) + 1) * 2 * 9) * kLanes);
+  wsum.resize(std::max(taps, (g.c / (kSumInline + 1) + 1) * 9) * kLanes);
   float* sum = wsum.data();
-  // Y [n, m0 .. m0 + lanes, y0 .., x0 ..] = o [rows * cols, kLanes]: channel by channel, so that
-  // each output row's few floats are stored together.
-  auto write = [&](int64_t n, int64_t block, int64_t y0, int64_t x0, int64_t rows, int64_t cols,
-                   const float* o) {
-    const int64_t m0 = block * kLanes, lanes = std::min<int64_t>(kLanes, g.m - m0);
-    for (int64_t l = 0; l < lanes; ++l) {
-      float* dst = job.y + ((n * g.m + m0 + l) * g.out_h + y0) * g.out_w + x0;
-      for (int64_t oy = 0; oy < rows; ++oy, dst += g.out_w) {
-        for (int64_t ox = 0; ox < cols; ++ox) dst[ox] = o[(oy * cols + ox) * kLanes + l];
-      }
-    }
-  };
-  for (int64_t first = item.block_begin, step; first < item.block_end; first += step) {
-    step = kTile == 3 ? std::min<int64_t>(2, item.block_end - first) : 1;
-    float bias[2 * kLanes] = {};  // of the step's blocks
-    for (int64_t m = first * kLanes; job.bias && m < std::min(g.m, (first + step) * kLanes); ++m) {
-      bias[m - first * kLanes] = job.bias[m];
-    }
-    for (int64_t pass = 0; pass < step; ++pass) {
-      const int64_t block = first + pass, m0 = block * kLanes;
-      const float* filters = job.filters + m0 * g.c * taps;
-      const int64_t lanes = std::min<int64_t>(kLanes, g.m - m0);
-      for (int64_t row = item.row_begin; row < item.row_end; ++row) {
-        const int64_t n = (chunk.first_row + row) / g.tiles_y;
-        const int64_t ty = (chunk.first_row + row) % g.tiles_y;
-        const int64_t y0 = ty * tile, rows = std::min(tile, g.out_h - y0);
-        for (int64_t tx = 0; tx < g.tiles_x; ++tx) {
-          const int64_t t = row * g.tiles_x + tx;
-          const int64_t x0 = tx * tile, cols = std::min(tile, g.out_w - x0);
-          const int64_t buckets = chunk.count[t];
-          const int32_t* order = chunk.order.data() + t * g.c;
-          const int32_t* starts = chunk.starts.data() + t * (g.c + 1);
+  for (int64_t block = item.block_begin; block < item.block_end; ++block) {
+    const int64_t m0 = block * kLanes;
+    const float* filters = job.filters + m0 * g.c * taps;
+    const int64_t lanes = std::min<int64_t>(kLanes, g.m - m0);
+    float bias[kLanes] = {};
+    if (job.bias) std::copy(job.bias + m0, job.bias + m0 + lanes, bias);
+    for (int64_t row = item.row_begin; row < item.row_end; ++row) {
+      const int64_t n = (chunk.first_row + row) / g.tiles_y, ty = (chunk.first_row + row) % g.tiles_y;
+      const int64_t y0 = ty * tile, rows = std::min(tile, g.out_h - y0);
+      for (int64_t tx = 0; tx < g.tiles_x; ++tx) {
+        const int64_t t = row * g.tiles_x + tx;
+        const int64_t x0 = tx * tile, cols = std::min(tile, g.out_w - x0);
+        const int64_t buckets = chunk.count[t];
+        const int32_t* order = chunk.order.data() + t * g.c;
+        const int32_t* starts = chunk.starts.data() + t * (g.c + 1);
+        for (int64_t group = 0; group < groups; ++group) {
+          const float* in = chunk.inputs.data() + t * chunk.per_tile + group * buckets * taps * kPixels;
           if constexpr (kTile == 3) {
             // Only the rows x cols outputs inside Y, packed in `out` row after row.
-            const int64_t blocks = step == 2 && rows * cols <= kPairedOutputs ? 2 : 1;
-            if (blocks == 2 && pass == 1) continue;  // done in the first pass
-            const float* in = chunk.inputs.data() + t * chunk.per_tile;
-            ConvTile3For<kLanes>(rows, cols, blocks)(in, order, starts, buckets, filters,
-                                                     block_stride, sum, bias + pass * kLanes,
-                                                     job.relu, out);
-            for (int64_t k = 0; k < blocks; ++k) {
-              write(n, block + k, y0, x0, rows, cols, out + k * rows * cols * kLanes);
+            ConvTile3For<kLanes>(rows, cols)(in, order, starts, buckets, filters, sum, bias,
+                                             job.relu, out);
+            // Channel by channel, so that each output row's few floats are stored together.
+            for (int64_t l = 0; l < lanes; ++l) {
+              float* dst = job.y + ((n * g.m + m0 + l) * g.out_h + y0) * g.out_w + x0;
+              for (int64_t oy = 0; oy < rows; ++oy, dst += g.out_w) {
+                for (int64_t ox = 0; ox < cols; ++ox) dst[ox] = out[(oy * cols + ox) * kLanes + l];
+              }
             }
             continue;
-          }
-          for (int64_t group = 0; group < groups; ++group) {
-            const float* in =
-                chunk.inputs.data() + t * chunk.per_tile + group * buckets * taps * kPixels;
+          } else {
             ConvGroup<kLanes, kPixels>(in, order, starts, buckets, filters, taps, sum, out);
-            for (int64_t p = 0; p < kPixels; ++p) {
-              const int64_t pixel = group * kPixels + p, oy = pixel / tile, ox = pixel % tile;
-              if (oy >= rows || ox >= cols) continue;  // padding, or outside Y at the edges
-              float* dst = job.y + ((n * g.m + m0) * g.out_h + y0 + oy) * g.out_w + x0 + ox;
-              for (int64_t l = 0; l < lanes; ++l) {
-                const float v = out[p * kLanes + l] + bias[l];
-                dst[l * g.out_h * g.out_w] = job.relu ? std::max(v, 0.0f) : v;
-              }
+          }
+          for (int64_t p = 0; p < kPixels; ++p) {
+            const int64_t pixel = group * kPixels + p, oy = pixel / tile, ox = pixel % tile;
+            if (oy >= rows || ox >= cols) continue;  // padding, or outside Y at the edges
+            float* dst = job.y + ((n * g.m + m0) * g.out_h + y0 + oy) * g.out_w + x0 + ox;
+            for (int64_t l = 0; l < lanes; ++l) {
+              const float v = out[p * kLanes + l] + bias[l];
+              dst[l * g.out_h * g.out_w] = job.relu ? std::max(v, 0.0f) : v;
             }
           }
         }
