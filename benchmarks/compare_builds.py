@@ -2,8 +2,9 @@
 
 For telling kernel variants apart on a noisy machine: every session (Conv, then each library in
 the order given) runs in turn, repetition after repetition, on one thread; a sample is the
-calling thread's CPU time over a few runs, and each cell is the minimum over the repetitions
-divided by Conv's minimum. Give a library twice to see the spread between two alternations.
+calling thread's CPU time over a few runs (`haste_onnx.speed.interleaved_samples`), and each
+cell is the minimum over the repetitions divided by Conv's minimum. Give a library twice to see
+the spread between two alternations.
 
     python benchmarks/compare_builds.py OLD.so NEW.so OLD.so NEW.so \\
         [--case 128:28:0.5 ...] [--layer features.21 ...] [--repeats 20]
@@ -20,7 +21,8 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from functools import partial
 
 for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_variable, "1")
@@ -43,6 +45,7 @@ from bench_conv import (
 
 from haste_onnx.hashing import make_planes
 from haste_onnx.opdef import DEFAULT_TILE
+from haste_onnx.speed import interleaved_samples
 
 DEFAULT_CASES = ("128:28:0.5", "256:14:0.5", "512:7:0.5")
 
@@ -54,21 +57,6 @@ def session(model: onnx.ModelProto, library: str | None) -> ort.InferenceSession
     return ort.InferenceSession(
         model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
     )
-
-
-def min_cpu_times(runs: Sequence[Callable[[], object]], repeats: int) -> list[float]:
-    """Per run: the minimum over `repeats` samples of thread CPU time, the runs interleaved."""
-    start = time.thread_time()
-    runs[0]()
-    calls = max(2, int(0.01 / max(time.thread_time() - start, 1e-5)))  # ~10 ms per sample
-    best = [float("inf")] * len(runs)
-    for _ in range(repeats):
-        for i, run in enumerate(runs):
-            start = time.thread_time()
-            for _ in range(calls):
-                run()
-            best[i] = min(best[i], (time.thread_time() - start) / calls)
-    return best
 
 
 def compare(
@@ -85,7 +73,8 @@ def compare(
     sessions += [session(one_layer_model(x.shape, w, b, planes), lib) for lib in libraries]
     outputs = [s.run(None, feed)[0] for s in sessions[1:]]
     diffs = [float(np.abs(y - outputs[0]).max()) for y in outputs[1:]]
-    times = min_cpu_times([lambda s=s: s.run(None, feed) for s in sessions], repeats)
+    runs = [partial(s.run, None, feed) for s in sessions]
+    times = [min(t) for t in interleaved_samples(runs, repeats, clock=time.thread_time)]
     ratios = " | ".join(f"{t / times[0]:.3f}" for t in times[1:])
     r = measured_r(x, planes, DEFAULT_TILE)
     print(f"| {label} | {r:.2f} | {times[0] * 1e3:.2f} | {ratios} | {diffs} |", flush=True)

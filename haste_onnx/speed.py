@@ -27,25 +27,34 @@ Conversion = tuple[onnx.ModelProto, list[ConvDecision], list[LayerPlan]]
 SAMPLE_SECONDS = 0.005
 
 
-def interleaved_medians(runs: Sequence[Callable[[], object]], repeats: int) -> list[float]:
-    """Median seconds per call of each run; the runs alternate, so that all see the same load.
-    Each sample times enough calls to last about ``SAMPLE_SECONDS``."""
+def interleaved_samples(
+    runs: Sequence[Callable[[], object]],
+    repeats: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[list[float]]:
+    """``repeats`` samples of seconds per call of each run, on ``clock``; the runs alternate, so
+    that all see the same load. Each sample times enough calls to last about ``SAMPLE_SECONDS``."""
     for run in runs:
         run()  # warm-up
     batches = []
     for run in runs:
-        start = time.perf_counter()
+        start = clock()
         run()
-        elapsed = max(time.perf_counter() - start, 1e-6)
+        elapsed = max(clock() - start, 1e-6)
         batches.append(max(1, int(SAMPLE_SECONDS / elapsed)))
     samples: list[list[float]] = [[] for _ in runs]
     for _ in range(repeats):
         for run, batch, times in zip(runs, batches, samples):
-            start = time.perf_counter()
+            start = clock()
             for _ in range(batch):
                 run()
-            times.append((time.perf_counter() - start) / batch)
-    return [statistics.median(times) for times in samples]
+            times.append((clock() - start) / batch)
+    return samples
+
+
+def interleaved_medians(runs: Sequence[Callable[[], object]], repeats: int) -> list[float]:
+    """Median wall seconds per call of each run, from :func:`interleaved_samples`."""
+    return [statistics.median(times) for times in interleaved_samples(runs, repeats)]
 
 
 def layer_models(
