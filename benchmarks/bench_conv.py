@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -273,6 +273,35 @@ def capture_inputs(
         probe.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
     )
     return session.run(None, feed)
+
+
+def chosen_layers(
+    cases: Sequence[str], names: Sequence[str], batch: int = 8
+) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]:
+    """(label, X, W, B) of each layer asked for on the command line of the kernel tools: a case
+    C:H:r_target is a 3x3 layer with C = M on an input of controlled redundancy; a name is a 3x3
+    layer of the trained Fashion-MNIST models, fed with its real activations (batch images)."""
+    rng = np.random.default_rng(0)
+    for case in cases:
+        channels, size, target = (float(v) for v in case.split(":"))
+        c = int(channels)
+        w = (rng.standard_normal((c, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32)
+        b = rng.standard_normal(c).astype(np.float32)
+        yield f"{c} x {int(size)}x{int(size)}", redundant_input(c, int(size), target, rng), w, b
+    found = set()
+    for path in FASHION_MODELS.values() if names else ():
+        model = onnx.load(path)
+        inits = constants(model)
+        convs = [n for n in eligible_convs(model) if n.name in names]
+        if not convs:
+            continue
+        xs = capture_inputs(model, [n.input[0] for n in convs], {"input": fashion_images(batch)})
+        for node, x in zip(convs, xs):
+            b = inits[node.input[2]] if len(node.input) > 2 and node.input[2] else None
+            yield node.name, x, inits[node.input[1]], b
+            found.add(node.name)
+    if missing := sorted(set(names) - found):
+        raise SystemExit(f"no eligible 3x3 layer named {', '.join(missing)} in the Fashion models")
 
 
 @dataclass

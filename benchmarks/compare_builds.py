@@ -30,18 +30,7 @@ for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np
 import onnx
 import onnxruntime as ort
-from bench_conv import (
-    FASHION_MODELS,
-    SPARSITY,
-    capture_inputs,
-    constants,
-    eligible_convs,
-    fashion_images,
-    measured_r,
-    one_layer_model,
-    redundant_input,
-    session_options,
-)
+from bench_conv import SPARSITY, chosen_layers, measured_r, one_layer_model, session_options
 
 from haste_onnx.hashing import make_planes
 from haste_onnx.opdef import DEFAULT_TILE
@@ -94,28 +83,8 @@ def main() -> None:
     columns = " | ".join(os.path.basename(lib) for lib in args.libraries)
     print(f"| layer | r | Conv ms | {columns} | max difference to the first |")
     print("|" + "---|" * (4 + len(args.libraries)))
-    rng = np.random.default_rng(0)
-    for case in cases:
-        channels, size, target = (float(v) for v in case.split(":"))
-        c = int(channels)
-        w = (rng.standard_normal((c, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32)
-        b = rng.standard_normal(c).astype(np.float32)
-        x = redundant_input(c, int(size), target, rng)
-        compare(f"{c} x {int(size)}x{int(size)}", x, w, b, args.libraries, args.repeats)
-    found = set()
-    for path in FASHION_MODELS.values() if args.layer else ():
-        model = onnx.load(path)
-        inits = constants(model)
-        convs = [n for n in eligible_convs(model) if n.name in args.layer]
-        if not convs:
-            continue
-        xs = capture_inputs(model, [n.input[0] for n in convs], {"input": fashion_images(8)})
-        for node, x in zip(convs, xs):
-            b = inits[node.input[2]] if len(node.input) > 2 and node.input[2] else None
-            compare(node.name, x, inits[node.input[1]], b, args.libraries, args.repeats)
-            found.add(node.name)
-    if missing := sorted(set(args.layer) - found):
-        parser.error(f"no eligible 3x3 layer named {', '.join(missing)} in the Fashion models")
+    for label, x, w, b in chosen_layers(cases, args.layer):
+        compare(label, x, w, b, args.libraries, args.repeats)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <limits>
 #include <new>
@@ -11,11 +12,61 @@
 #include <utility>
 #include <string>
 #include <vector>
+#if defined(__x86_64__)
+#include <x86intrin.h>
+#endif
 
 namespace haste_onnx {
 namespace {
 
 constexpr int64_t kMaxPlanes = 63;  // codes are 64-bit
+
+// Where a run's time goes (benchmarks/profile_layer.py). Built with -DHASTE_PROFILE=ON, the
+// kernel adds the clock ticks of each phase of its runs, and counts of the work done, to totals
+// for the process, read through HasteConvProfile; otherwise Laps and Tally compile to nothing.
+#if defined(HASTE_ONNX_PROFILE)
+constexpr bool kProfile = true;
+#else
+constexpr bool kProfile = false;
+#endif
+enum Phase { kBand, kGather, kHash, kGroup, kMeans, kConvFull, kConvEdge, kStore, kJob, kPhases };
+// Per filter block: tiles and buckets convolved, full tiles (3 x 3 outputs) and tiles cut by the
+// edge of Y, and the 8-wide multiply-adds of the edge tiles; the channels merged into another's
+// bucket in full tiles; jobs and their steady-clock nanoseconds (which calibrate the ticks).
+enum Count { kFullTiles, kFullBuckets, kFullMerged, kEdgeTiles, kEdgeBuckets, kEdgeFmas, kJobs,
+             kJobNanos, kCounts };
+std::atomic<uint64_t> profile_totals[kPhases + kCounts];
+
+inline uint64_t Ticks() {
+#if defined(__x86_64__)
+  return __rdtsc();
+#else
+  return std::chrono::steady_clock::now().time_since_epoch().count();
+#endif
+}
+
+inline void Tally(Count count, uint64_t amount) {
+  if constexpr (kProfile) profile_totals[kPhases + count].fetch_add(amount, std::memory_order_relaxed);
+}
+
+// Splits a thread's time into phases: To(phase) adds the ticks since the last call to phase.
+class Laps {
+ public:
+  Laps() { Restart(); }
+  void Restart() {
+    if constexpr (kProfile) last_ = Ticks();
+  }
+  void To(Phase phase) {
+    if constexpr (kProfile) {
+      const uint64_t now = Ticks();
+      profile_totals[phase].fetch_add(now - last_, std::memory_order_relaxed);
+      last_ = now;
+    }
+  }
+
+ private:
+  uint64_t last_ = 0;
+};
 
 using Shape = std::vector<int64_t>;
 
@@ -585,6 +636,7 @@ __attribute__((always_inline)) inline void ConvWith(const Job& job, const ChunkB
   thread_local AlignedVector<float> wsum;
   wsum.resize(std::max(taps, (g.c / (kSumInline + 1) + 1) * 9) * kLanes);
   float* sum = wsum.data();
+  Laps laps;
   for (int64_t block = item.block_begin; block < item.block_end; ++block) {
     const int64_t m0 = block * kLanes;
     const float* filters = job.filters + m0 * g.c * taps;
@@ -606,6 +658,11 @@ __attribute__((always_inline)) inline void ConvWith(const Job& job, const ChunkB
             // Only the rows x cols outputs inside Y, packed in `out` row after row.
             ConvTile3For<kLanes>(rows, cols)(in, order, starts, buckets, filters, sum, bias,
                                              job.relu, out);
+            const bool full = rows * cols == 9;
+            laps.To(full ? kConvFull : kConvEdge);
+            Tally(full ? kFullTiles : kEdgeTiles, 1);
+            Tally(full ? kFullBuckets : kEdgeBuckets, buckets);
+            Tally(full ? kFullMerged : kEdgeFmas, full ? g.c - buckets : buckets * rows * cols * 9);
             // Channel by channel, so that each output row's few floats are stored together.
             for (int64_t l = 0; l < lanes; ++l) {
               float* dst = job.y + ((n * g.m + m0 + l) * g.out_h + y0) * g.out_w + x0;
@@ -613,6 +670,7 @@ __attribute__((always_inline)) inline void ConvWith(const Job& job, const ChunkB
                 for (int64_t ox = 0; ox < cols; ++ox) dst[ox] = out[(oy * cols + ox) * kLanes + l];
               }
             }
+            laps.To(kStore);
             continue;
           } else {
             ConvGroup<kLanes, kPixels>(in, order, starts, buckets, filters, taps, sum, out);
@@ -755,7 +813,9 @@ void HashRow(const Job& job, ChunkBuckets& chunk, int64_t row) {
       }
     }
   }
+  Laps laps;
   FillBand(g, job.x + n * g.c * g.h * g.w, ty, s.band.data());
+  laps.To(kBand);
 
   for (int64_t tx = 0; tx < g.tiles_x; ++tx) {
     const int64_t t = row * g.tiles_x + tx;
@@ -764,7 +824,9 @@ void HashRow(const Job& job, ChunkBuckets& chunk, int64_t row) {
     float* inputs = chunk.inputs.data() + t * chunk.per_tile;
     float* patch = job.compact ? inputs : s.patch.data();
     GatherPatch(g, s.band.data(), tx, patch);
+    laps.To(kGather);
     HashPatch(patch, g.c, p2, *job.planes, s.mean.data(), s.centered.data(), s.codes.data());
+    laps.To(kHash);
     const int64_t buckets =
         GroupCodes(s.codes.data(), g.c, s.slots, s.bucket.data(), s.size.data());
     chunk.count[t] = buckets;
@@ -787,6 +849,7 @@ void HashRow(const Job& job, ChunkBuckets& chunk, int64_t row) {
     for (int64_t b = 0; b < buckets; ++b) starts[b + 1] += starts[b];
     for (int64_t b = 0; b < buckets; ++b) s.rank[b] = starts[s.rank[b]];  // where it fills from
     for (int64_t c = 0; c < g.c; ++c) order[s.rank[s.bucket[c]]++] = static_cast<int32_t>(c);
+    laps.To(kGroup);
 
     for (int64_t b = 0; b < buckets; ++b) {
       const int64_t size = starts[b + 1] - starts[b];
@@ -805,6 +868,7 @@ void HashRow(const Job& job, ChunkBuckets& chunk, int64_t row) {
         for (int64_t j = 0; j < taps * pixels; ++j) dst[j] = gather[j] >= 0 ? in[gather[j]] : 0.0f;
       }
     }
+    laps.To(kMeans);
   }
 }
 
@@ -843,6 +907,8 @@ void ParallelFor(const Ort::KernelContext& context, Job& job, Data& data, int64_
 // the chunk is hashed and bucketed, then the chunk is convolved in work items of a few rows and
 // filter blocks.
 void RunJob(const Ort::KernelContext& context, Job& job) {
+  const auto start = std::chrono::steady_clock::now();
+  Laps laps;
   const Geometry& g = job.g;
   const int64_t per_bucket =
       job.compact ? g.patch * g.patch : job.split.groups * g.k * g.k * job.split.pixels;
@@ -890,6 +956,10 @@ void RunJob(const Ort::KernelContext& context, Job& job) {
                         job.conv(job, conv.chunk, conv.items[index]);
                       });
   }
+  laps.To(kJob);
+  Tally(kJobs, 1);
+  Tally(kJobNanos, std::chrono::duration_cast<std::chrono::nanoseconds>(
+                       std::chrono::steady_clock::now() - start).count());
 }
 
 const char* TypeName(ONNXTensorElementDataType type) {
@@ -1111,4 +1181,13 @@ extern "C" int HasteConvTileCodes(const float* x, const int64_t* x_shape, const 
   } catch (...) {
     return 1;
   }
+}
+
+extern "C" int64_t HasteConvProfile(uint64_t* totals, int64_t size, int reset) {
+  using namespace haste_onnx;
+  if (!kProfile) return 0;
+  for (int64_t i = 0; i < std::min<int64_t>(size, kPhases + kCounts); ++i) {
+    totals[i] = reset ? profile_totals[i].exchange(0) : profile_totals[i].load();
+  }
+  return kPhases + kCounts;
 }

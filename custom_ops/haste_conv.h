@@ -115,3 +115,9 @@ extern "C" HASTE_ONNX_EXPORT int HasteConvTileCodes(const float* x, const int64_
                                                     const float* planes, int64_t num_planes,
                                                     int64_t kernel, int64_t tile,
                                                     const int64_t* pads, uint64_t* codes);
+
+// Profiling hook (benchmarks/profile_layer.py): copies up to `size` totals of a build made with
+// -DHASTE_PROFILE=ON, the clock ticks of each phase of the runs so far and then counts of their
+// work (haste_conv.cc: Phase, Count), and zeroes them if `reset`. Returns how many totals there
+// are, 0 for a build without profiling.
+extern "C" HASTE_ONNX_EXPORT int64_t HasteConvProfile(uint64_t* totals, int64_t size, int reset);
