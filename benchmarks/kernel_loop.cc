@@ -47,7 +47,7 @@ int main(int argc, char** argv) {
     const auto start = std::chrono::steady_clock::now();
     for (int i = 0; i < calls; ++i) {
       kernel(in.data() + (i % tiles) * channels * 25, order.data(), starts.data(), buckets,
-             filters.data(), wsum.data(), bias.data(), false, out.data());
+             filters.data(), wsum.data(), bias.data(), false, out.data(), BlockAhead{});
     }
     const std::chrono::duration<double> seconds = std::chrono::steady_clock::now() - start;
     best = std::min(best, seconds.count());
