@@ -548,15 +548,15 @@ inline int BucketKind(int32_t size) { return size <= 2 ? size - 1 : size <= kSum
 
 // out [kRows * kCols, kLanes] = the reduced convolution of one T = 3, K = 3 tile (its kRows x
 // kCols outputs inside Y) for the output channels of one filter block [C, 9, kLanes], plus bias
-// [kLanes], then Relu if `relu`. `in` holds the tile's 5x5 patches [C, 25], where each bucket
-// reads the one of its first channel (HashRow put the bucket's mean there). Buckets come kind
-// after kind (BucketKind, HashRow orders them so), each kind with a loop of its own. Single
-// channels, pairs and buckets of up to kSumInline channels sum their filters kernel row by kernel
-// row in Tile3Bucket. The filters of larger buckets are summed before anything else, into wsum
-// [buckets, 9, kLanes], whole filters at a time: nine independent sums run at the adders'
-// throughput and read each filter in one stream, where three sums per kernel row would wait on
-// each other and read every filter three times over (ResNet-18's 512 x 2x2 layers, with buckets of
-// hundreds of channels, were 15-20 % slower that way).
+// [kLanes], then Relu if `relu`. `in` holds each bucket's 5x5 (merged) patch, [buckets, 25] in
+// the buckets' order, so that the kernel reads it front to back. Buckets come kind after kind
+// (BucketKind, HashRow orders them so), each kind with a loop of its own. Single channels, pairs
+// and buckets of up to kSumInline channels sum their filters kernel row by kernel row in
+// Tile3Bucket. The filters of larger buckets are summed before anything else, into wsum [buckets,
+// 9, kLanes], whole filters at a time: nine independent sums run at the adders' throughput and read
+// each filter in one stream, where three sums per kernel row would wait on each other and read
+// every filter three times over (ResNet-18's 512 x 2x2 layers, with buckets of hundreds of
+// channels, were 15-20 % slower that way).
 template <int kLanes, int kRows, int kCols>
 __attribute__((always_inline)) inline void ConvTile3With(const float* in, const int32_t* order,
                                                          const int32_t* starts, int64_t buckets,
@@ -590,8 +590,8 @@ __attribute__((always_inline)) inline void ConvTile3With(const float* in, const 
       if (b + kPrefetch < end) PrefetchFilters(filters, kStride, order, starts, b + kPrefetch);
       ahead.Step();
       const int32_t* channel = order + starts[b];
-      Tile3Bucket<kLanes, kRows, kCols, decltype(size)::value>(
-          in + channel[0] * 25, filters, channel, starts[b + 1] - starts[b], acc);
+      Tile3Bucket<kLanes, kRows, kCols, decltype(size)::value>(in + b * 25, filters, channel,
+                                                               starts[b + 1] - starts[b], acc);
     }
   };
   loop(std::integral_constant<int, 1>{}, large);
@@ -599,8 +599,7 @@ __attribute__((always_inline)) inline void ConvTile3With(const float* in, const 
   loop(std::integral_constant<int, 0>{}, large);
   static constexpr int32_t kFirst[1] = {0};  // a larger bucket's summed filters, as one channel
   for (; b < buckets; ++b) {
-    Tile3Bucket<kLanes, kRows, kCols, 1>(in + order[starts[b]] * 25, wsum + (b - large) * kStride,
-                                         kFirst, 1, acc);
+    Tile3Bucket<kLanes, kRows, kCols, 1>(in + b * 25, wsum + (b - large) * kStride, kFirst, 1, acc);
   }
   const Reg shift = *reinterpret_cast<const Vec*>(bias);
   Unroll<kRows * kCols>([&](auto p) __attribute__((always_inline)) {
@@ -863,10 +862,8 @@ void HashRow(const Job& job, ChunkBuckets& chunk, int64_t row) {
 
   for (int64_t tx = 0; tx < g.tiles_x; ++tx) {
     const int64_t t = row * g.tiles_x + tx;
-    // With Job::compact the patch goes straight into the tile's inputs, [C, P*P], where each
-    // bucket's kernel reads the patch of its first channel, replaced by the bucket's mean.
     float* inputs = chunk.inputs.data() + t * chunk.per_tile;
-    float* patch = job.compact ? inputs : s.patch.data();
+    float* patch = s.patch.data();
     GatherPatch(g, s.band.data(), tx, patch);
     laps.To(kGather);
     HashPatch(patch, g.c, p2, *job.planes, s.mean.data(), s.centered.data(), s.codes.data());
@@ -898,8 +895,12 @@ void HashRow(const Job& job, ChunkBuckets& chunk, int64_t row) {
     for (int64_t b = 0; b < buckets; ++b) {
       const int64_t size = starts[b + 1] - starts[b];
       float* in = patch + order[starts[b]] * p2;
-      if (job.compact) {
-        if (size > 1) MeanOfPatches<25>(patch, order + starts[b], size, in);
+      if (job.compact) {  // bucket after bucket, in the kernel's order
+        if (size > 1) {
+          MeanOfPatches<25>(patch, order + starts[b], size, inputs + b * p2);
+        } else {
+          std::copy(in, in + p2, inputs + b * p2);
+        }
         continue;
       }
       if (size > 1) {
