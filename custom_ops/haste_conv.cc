@@ -62,8 +62,7 @@ inline void Tally(Count count, uint64_t amount) {
 // Splits a thread's time into phases: To(phase) adds the ticks since the last call to phase.
 class Laps {
  public:
-  Laps() { Restart(); }
-  void Restart() {
+  Laps() {
     if constexpr (kProfile) last_ = Ticks();
   }
   void To(Phase phase) {
@@ -175,11 +174,6 @@ void GatherPatch(const Geometry& g, const float* band, int64_t tx, float* patch)
 // Channels are hashed kHashBlock at a time, their projections summed in registers.
 constexpr int64_t kHashBlock = 32;
 
-// Channels rounded up to whole hash blocks: the row length of the centered patch.
-int64_t HashWidth(int64_t channels) {
-  return (channels + kHashBlock - 1) / kHashBlock * kHashBlock;
-}
-
 // The non-zero entries of the hyperplanes [L, D], plane by plane: zero entries add exactly
 // nothing to a projection, and a list skips them without a branch per entry.
 struct SparsePlanes {
@@ -203,7 +197,7 @@ struct SparsePlanes {
 // Hashes every channel of patch [C, D]: code bit l is dot(planes[l], v_c - mean_c v_c) > 0.
 // Everything is in double and each dot product is summed over j in order, the mean summed over
 // channels in order as numpy does, so the codes agree with the reference except for projections
-// within double rounding of zero. Scratch: mean [D], centered [D, HashWidth(C)].
+// within double rounding of zero. Scratch: mean [D], centered [D, kHashBlock].
 // Projections are summed kDoubles lanes at a time; every lane does the same multiplications and
 // additions (never fused) whatever the width, so the codes do not depend on it.
 template <int kDoubles>
@@ -216,7 +210,6 @@ __attribute__((always_inline)) inline void HashPatchWith(const float* patch, int
   typedef float Quad __attribute__((vector_size(4 * sizeof(float)), may_alias, aligned(4)));
   typedef int32_t Pick __attribute__((vector_size(4 * sizeof(int32_t))));
   typedef double Doubles4 __attribute__((vector_size(4 * sizeof(double)), may_alias, aligned(8)));
-  const int64_t width = HashWidth(channels);
   // The mean, 16 positions at a time summed in registers (each position over c in order).
   int64_t j0 = 0;
   for (; j0 + 16 <= dim; j0 += 16) {
@@ -237,18 +230,23 @@ __attribute__((always_inline)) inline void HashPatchWith(const float* patch, int
     for (int64_t j = j0; j < dim; ++j) mean[j] += patch[c * dim + j];
   }
   for (int64_t j = 0; j < dim; ++j) mean[j] /= static_cast<double>(channels);
-  // centered [D, width] = patch transposed, minus the mean: 4 x 4 blocks of channels x positions
-  // transposed in registers (the last block of positions overlaps the one before it when 4 does
-  // not divide D; it writes the same values again), leftover channels one by one.
-  int64_t c = 0;
-  if (dim >= 4) {
-    for (; c + 4 <= channels; c += 4) {
+  // Then block of kHashBlock channels after block, so that the centered block stays in L1:
+  // centered [D, kHashBlock] = the block's patch transposed, minus the mean (4 x 4 blocks of
+  // channels x positions transposed in registers; the last block of positions overlaps the one
+  // before it when 4 does not divide D and writes the same values again; leftover channels one by
+  // one, spare lanes zero), then the block's codes.
+  constexpr int64_t kVectors = kHashBlock / kDoubles;
+  for (int64_t c0 = 0; c0 < channels; c0 += kHashBlock) {
+    const int64_t count = std::min(kHashBlock, channels - c0);
+    const float* block = patch + c0 * dim;
+    int64_t c = 0;
+    for (; dim >= 4 && c + 4 <= count; c += 4) {
       for (int64_t j0 = 0; j0 < dim; j0 += 4) {
         const int64_t j = std::min(j0, dim - 4);
-        const Quad r0 = *reinterpret_cast<const Quad*>(patch + c * dim + j);
-        const Quad r1 = *reinterpret_cast<const Quad*>(patch + (c + 1) * dim + j);
-        const Quad r2 = *reinterpret_cast<const Quad*>(patch + (c + 2) * dim + j);
-        const Quad r3 = *reinterpret_cast<const Quad*>(patch + (c + 3) * dim + j);
+        const Quad r0 = *reinterpret_cast<const Quad*>(block + c * dim + j);
+        const Quad r1 = *reinterpret_cast<const Quad*>(block + (c + 1) * dim + j);
+        const Quad r2 = *reinterpret_cast<const Quad*>(block + (c + 2) * dim + j);
+        const Quad r3 = *reinterpret_cast<const Quad*>(block + (c + 3) * dim + j);
         const Quad t0 = __builtin_shuffle(r0, r1, Pick{0, 4, 1, 5});
         const Quad t1 = __builtin_shuffle(r0, r1, Pick{2, 6, 3, 7});
         const Quad t2 = __builtin_shuffle(r2, r3, Pick{0, 4, 1, 5});
@@ -258,32 +256,28 @@ __attribute__((always_inline)) inline void HashPatchWith(const float* patch, int
                                 __builtin_shuffle(t1, t3, Pick{0, 1, 4, 5}),
                                 __builtin_shuffle(t1, t3, Pick{2, 3, 6, 7})};
         for (int k = 0; k < 4; ++k) {
-          *reinterpret_cast<Doubles4*>(centered + (j + k) * width + c) =
+          *reinterpret_cast<Doubles4*>(centered + (j + k) * kHashBlock + c) =
               __builtin_convertvector(column[k], Doubles4) - mean[j + k];
         }
       }
     }
-  }
-  for (; c < channels; ++c) {
-    for (int64_t j = 0; j < dim; ++j) centered[j * width + c] = patch[c * dim + j] - mean[j];
-  }
-  for (int64_t j = 0; j < dim; ++j) {
-    std::fill(centered + j * width + channels, centered + (j + 1) * width, 0.0);  // spare lanes
-  }
-  // Bit l of each code is set in kDoubles-wide integer vectors: a comparison gives all ones.
-  constexpr int64_t kVectors = kHashBlock / kDoubles;
-  for (int64_t c0 = 0; c0 < channels; c0 += kHashBlock) {
+    for (; c < count; ++c) {
+      for (int64_t j = 0; j < dim; ++j) centered[j * kHashBlock + c] = block[c * dim + j] - mean[j];
+    }
+    for (int64_t j = 0; count < kHashBlock && j < dim; ++j) {
+      std::fill(centered + j * kHashBlock + count, centered + (j + 1) * kHashBlock, 0.0);
+    }
+    // Bit l of each code is set in kDoubles-wide integer vectors: a comparison gives all ones.
     Bits bits[kVectors] = {};
     for (int64_t l = 0; l < planes.size(); ++l) {
       Vec dots[kVectors] = {};
       for (int64_t e = planes.start[l]; e < planes.start[l + 1]; ++e) {
         const double p = planes.value[e];
-        const Vec* u = reinterpret_cast<const Vec*>(centered + planes.index[e] * width + c0);
+        const Vec* u = reinterpret_cast<const Vec*>(centered + planes.index[e] * kHashBlock);
         for (int64_t i = 0; i < kVectors; ++i) dots[i] += p * u[i];
       }
       for (int64_t i = 0; i < kVectors; ++i) bits[i] |= (dots[i] > 0.0) & (int64_t{1} << l);
     }
-    const int64_t count = std::min(kHashBlock, channels - c0);
     for (int64_t i = 0; i < count; ++i) codes[c0 + i] = bits[i / kDoubles][i % kDoubles];
   }
 }
@@ -839,7 +833,7 @@ void HashRow(const Job& job, ChunkBuckets& chunk, int64_t row) {
   s.patch.resize(g.c * p2);
   s.merged.resize(p2);
   s.mean.resize(p2);
-  s.centered.resize(p2 * HashWidth(g.c));
+  s.centered.resize(p2 * kHashBlock);
   s.codes.resize(g.c);
   s.bucket.resize(g.c);
   s.size.resize(g.c);
@@ -1210,7 +1204,7 @@ extern "C" int HasteConvTileCodes(const float* x, const int64_t* x_shape, const 
     const int64_t p2 = g.patch * g.patch;
     std::vector<float> band(g.c * g.patch * BandWidth(g)), patch(g.c * p2);
     const SparsePlanes sparse_planes(planes, num_planes, p2);
-    std::vector<double> mean(p2), centered(p2 * HashWidth(g.c));
+    std::vector<double> mean(p2), centered(p2 * kHashBlock);
     for (int64_t n = 0; n < g.n; ++n) {
       for (int64_t ty = 0; ty < g.tiles_y; ++ty) {
         FillBand(g, x + n * g.c * g.h * g.w, ty, band.data());
