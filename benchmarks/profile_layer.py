@@ -10,8 +10,9 @@ runs, and counts of the work done):
 Cases and layers as in compare_builds.py. HasteConv and Conv run interleaved on one thread; every
 figure is a mean over the HasteConv runs (the profiling build itself is a few per cent slower than
 a plain one). For the convolution phases the table gives the rate of 8-wide multiply-adds next to
-Conv's own (its multiply-adds over its time), and "at Conv's rate" is the convolution's share if
-it ran at that rate with nothing else to do: the op-count limit of the kernel's design.
+Conv's own (its multiply-adds over its time); the multiply-adds done, as a fraction of Conv's, are
+also the convolution's share of the Conv time if it ran at Conv's rate with nothing else to do:
+the op-count limit of the kernel's design.
 """
 
 # ruff: noqa: E402  (the BLAS thread count must be set before numpy is imported)
@@ -47,9 +48,7 @@ PHASES = {
     "store": "writing Y",
     "job": "the whole run",
 }
-COUNTS = (
-    "full_tiles full_buckets full_merged edge_tiles edge_buckets edge_fmas jobs job_nanos".split()
-)
+COUNTS = "full_tiles full_buckets full_merged edge_tiles edge_fmas jobs job_nanos".split()
 LANES = 8  # the AVX2 kernel's filter block; the rates below assume it
 
 
@@ -129,7 +128,7 @@ def profile(
     work = (full_fmas + t["edge_fmas"]) / jobs / conv_fmas
     merged = t["full_merged"] / max(t["full_buckets"], 1)
     print(
-        f"\nmultiply-adds done: {work:.2f} of Conv's (at Conv's rate: {work:.2f} x Conv time); "
+        f"\nmultiply-adds done: {work:.2f} of Conv's; "
         f"full tiles: {t['full_buckets'] / max(t['full_tiles'], 1):.1f} buckets per tile and "
         f"filter block, {merged:.2f} merged channels per bucket; "
         f"{t['edge_tiles'] / max(t['full_tiles'] + t['edge_tiles'], 1):.0%} of the tiles cut by "

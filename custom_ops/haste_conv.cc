@@ -30,15 +30,14 @@ constexpr bool kProfile = true;
 constexpr bool kProfile = false;
 #endif
 enum Phase { kBand, kGather, kHash, kGroup, kMeans, kConvFull, kConvEdge, kStore, kJob, kPhases };
-// Per filter block: tiles and buckets convolved, full tiles (3 x 3 outputs) and tiles cut by the
-// edge of Y, and the 8-wide multiply-adds of the edge tiles; the channels merged into another's
-// bucket in full tiles; jobs and their steady-clock nanoseconds (which calibrate the ticks).
+// Per filter block: full tiles (3 x 3 outputs), their buckets and the channels merged into
+// another's bucket; tiles cut by the edge of Y and their 8-wide multiply-adds; then jobs and their
+// steady-clock nanoseconds (which calibrate the ticks).
 enum Count {
   kFullTiles,
   kFullBuckets,
   kFullMerged,
   kEdgeTiles,
-  kEdgeBuckets,
   kEdgeFmas,
   kJobs,
   kJobNanos,
@@ -739,22 +738,27 @@ __attribute__((always_inline)) inline void ConvWith(const Job& job, const ChunkB
         const int64_t buckets = chunk.count[t];
         const int32_t* order = chunk.order.data() + t * g.c;
         const int32_t* starts = chunk.starts.data() + t * (g.c + 1);
-        const int64_t slice = (row - item.row_begin) * g.tiles_x + tx;
-        const int64_t first = block_lines * slice / item_tiles;
-        BlockAhead ahead{next + first * 64, block_lines * (slice + 1) / item_tiles - first, 0};
-        ahead.per_bucket = (ahead.lines + buckets - 1) / std::max<int64_t>(buckets, 1);
         for (int64_t group = 0; group < groups; ++group) {
           const float* in =
               chunk.inputs.data() + t * chunk.per_tile + group * buckets * taps * kPixels;
           if constexpr (kTile == 3) {
+            // This tile's slice of the next block, a few lines per bucket.
+            const int64_t slice = (row - item.row_begin) * g.tiles_x + tx;
+            const int64_t first = block_lines * slice / item_tiles;
+            BlockAhead ahead{next + first * 64, block_lines * (slice + 1) / item_tiles - first, 0};
+            ahead.per_bucket = (ahead.lines + buckets - 1) / std::max<int64_t>(buckets, 1);
             // Only the rows x cols outputs inside Y, packed in `out` row after row.
             ConvTile3For<kLanes>(rows, cols)(in, order, starts, buckets, filters, sum, bias,
                                              job.relu, out, ahead);
             const bool full = rows * cols == 9;
             laps.To(full ? kConvFull : kConvEdge);
             Tally(full ? kFullTiles : kEdgeTiles, 1);
-            Tally(full ? kFullBuckets : kEdgeBuckets, buckets);
-            Tally(full ? kFullMerged : kEdgeFmas, full ? g.c - buckets : buckets * rows * cols * 9);
+            if (full) {
+              Tally(kFullBuckets, buckets);
+              Tally(kFullMerged, g.c - buckets);
+            } else {
+              Tally(kEdgeFmas, buckets * rows * cols * 9);
+            }
             // Channel by channel, so that each output row's few floats are stored together.
             for (int64_t l = 0; l < lanes; ++l) {
               float* dst = job.y + ((n * g.m + m0 + l) * g.out_h + y0) * g.out_w + x0;
@@ -1001,7 +1005,8 @@ void ParallelFor(const Ort::KernelContext& context, Job& job, Data& data, int64_
 // the chunk is hashed and bucketed, then the chunk is convolved in work items of a few rows and
 // filter blocks.
 void RunJob(const Ort::KernelContext& context, Job& job) {
-  const auto start = std::chrono::steady_clock::now();
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point start = kProfile ? Clock::now() : Clock::time_point{};
   Laps laps;
   const Geometry& g = job.g;
   const int64_t per_bucket =
@@ -1050,10 +1055,11 @@ void RunJob(const Ort::KernelContext& context, Job& job) {
                       });
   }
   laps.To(kJob);
-  Tally(kJobs, 1);
-  Tally(kJobNanos, std::chrono::duration_cast<std::chrono::nanoseconds>(
-                       std::chrono::steady_clock::now() - start)
-                       .count());
+  if constexpr (kProfile) {  // not a clock read per run in the plain build
+    Tally(kJobs, 1);
+    Tally(kJobNanos,
+          std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start).count());
+  }
 }
 
 const char* TypeName(ONNXTensorElementDataType type) {
