@@ -138,19 +138,26 @@ Geometry MakeGeometry(const Shape& x, const Shape& w, const HasteConvAttributes&
 // zero (the padding, and beyond it where the last tile overhangs Y).
 int64_t BandWidth(const Geometry& g) { return g.tiles_x * g.tile + g.k - 1; }
 
-void FillBand(const Geometry& g, const float* image, int64_t ty, float* band) {
+// Row by row, in loops of its own rather than calls to memset and memmove: the rows are short
+// (tens of floats), and three library calls per row cost more than the copy (on 64 x 14x14
+// layers the band took 0.13 of the Conv time).
+__attribute__((optimize("no-tree-loop-distribute-patterns"))) void FillBand(const Geometry& g,
+                                                                            const float* image,
+                                                                            int64_t ty,
+                                                                            float* band) {
   const int64_t width = BandWidth(g), y0 = ty * g.tile - g.pad_top;
   const int64_t lo = std::min(g.pad_left, width), hi = std::min(g.pad_left + g.w, width);
   for (int64_t c = 0; c < g.c; ++c) {
     for (int64_t py = 0; py < g.patch; ++py, band += width) {
       const int64_t iy = y0 + py;
       if (iy < 0 || iy >= g.h) {
-        std::fill(band, band + width, 0.0f);
+        for (int64_t x = 0; x < width; ++x) band[x] = 0.0f;
         continue;
       }
-      std::fill(band, band + lo, 0.0f);
-      std::copy(image + (c * g.h + iy) * g.w, image + (c * g.h + iy) * g.w + (hi - lo), band + lo);
-      std::fill(band + hi, band + width, 0.0f);
+      const float* src = image + (c * g.h + iy) * g.w;
+      for (int64_t x = 0; x < lo; ++x) band[x] = 0.0f;
+      for (int64_t x = lo; x < hi; ++x) band[x] = src[x - g.pad_left];
+      for (int64_t x = hi; x < width; ++x) band[x] = 0.0f;
     }
   }
 }
@@ -861,7 +868,11 @@ void MeanOfPatches(const float* patch, const int32_t* channel, int64_t size, flo
   const float* first = patch + channel[0] * dim;
   float sum[kDim > 0 ? kDim : 1];
   float* acc = kDim > 0 ? sum : merged;
-  if (acc != first) std::copy(first, first + dim, acc);
+  if constexpr (kDim > 0) {
+    std::memcpy(sum, first, sizeof(sum));  // a fixed size: inlined, not a call to memmove
+  } else if (acc != first) {
+    std::copy(first, first + dim, acc);
+  }
   for (int64_t i = 1; i < size; ++i) {
     const float* more = patch + channel[i] * dim;
     for (int64_t j = 0; j < dim; ++j) acc[j] += more[j];
@@ -950,9 +961,9 @@ void HashRow(const Job& job, ChunkBuckets& chunk, int64_t row) {
       float* in = patch + order[starts[b]] * p2;
       if (job.compact) {  // bucket after bucket, in the kernel's order
         if (size > 1) {
-          MeanOfPatches<25>(patch, order + starts[b], size, inputs + b * p2);
+          MeanOfPatches<25>(patch, order + starts[b], size, inputs + b * 25);
         } else {
-          std::copy(in, in + p2, inputs + b * p2);
+          std::memcpy(inputs + b * 25, in, 25 * sizeof(float));  // a fixed size: inlined
         }
         continue;
       }
