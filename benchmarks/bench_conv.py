@@ -372,7 +372,7 @@ def bench_models(
             converted, decisions, plans = rewrite(original, options)
             if only_faster:  # as `convert --only-faster` does, timed on this feed
                 conversion = (converted, decisions, plans)
-                converted, _, plans, _ = keep_faster(original, options, conversion, feed)
+                converted, _, plans, _, _ = keep_faster(original, options, conversion, feed)
                 if not plans:
                     print(f"| {label} | {num_planes}, only faster | - | no layer faster | - |")
                     continue

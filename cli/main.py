@@ -351,8 +351,10 @@ _plot_option = click.option(
     "--only-faster",
     is_flag=True,
     help="Time each converted layer alone against onnxruntime's Conv on the verification "
-    "inputs (1 thread) and keep as Conv those not faster as HasteConv on this machine. The "
-    "output then depends on the machine and its load.",
+    "inputs (1 thread) and keep as Conv those not faster as HasteConv on this machine; then time "
+    "the whole model, and while it is not faster than the original keep as Conv the layer that "
+    "saved least. Nothing is written if no layer is left. The output depends on the machine, its "
+    "load and the batch size.",
 )
 @_plot_option
 @_plane_options

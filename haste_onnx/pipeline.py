@@ -99,8 +99,10 @@ def convert(
     if the verification passed, or in any case with ``force``. Nothing is written on failure.
 
     With ``only_faster``, every converted layer is timed alone against onnxruntime's Conv on the
-    verification inputs (:func:`haste_onnx.speed.layer_time_ratios`), and those not faster as
-    HasteConv stay Conv; the result then depends on the machine and its load."""
+    verification inputs, and those not faster as HasteConv stay Conv, then the model as a whole
+    against the original, and while it is not faster the layer that saved least stays Conv too
+    (:func:`haste_onnx.speed.keep_faster`); the result then depends on the machine and its
+    load."""
     source = Path(source)
     target = Path(output) if output is not None else default_output(source)
     check_output_path(source, target)
@@ -115,19 +117,16 @@ def convert(
     onnx.checker.check_model(ir.session_source(converted))
     feeds = make_feeds(original, verify_options)
     time_ratios = None
+    model_ratio = None
     if only_faster:
         say("timing each converted layer against Conv")
-        converted, decisions, plans, time_ratios = speed.keep_faster(
+        converted, decisions, plans, time_ratios, model_ratio = speed.keep_faster(
             original, options, (converted, decisions, plans), feeds.arrays, say
         )
         _require_convs(decisions, source)
     verification = verify(
         original, converted, plans, feeds.arrays, feeds.description, tolerances or Tolerances(), say
     )
-    model_ratio = None
-    if only_faster:  # the layers were timed alone; what counts is the whole model
-        say("timing the converted model against the original")
-        model_ratio = speed.model_time_ratio(original, converted, feeds.arrays)
     shapes = {k: tuple(v.shape) for k, v in feeds.arrays.items()}
     flops_report = report.build(
         original, decisions, plans, verification.layers, shapes, feeds.description, time_ratios

@@ -149,24 +149,46 @@ def keep_faster(
     conversion: Conversion,
     feeds: dict[str, np.ndarray],
     progress: Callable[[str], None] | None = None,
-) -> tuple[onnx.ModelProto, list[ConvDecision], list[LayerPlan], dict[str, float]]:
-    """``conversion`` (``rewrite(original, options)``) again without the layers that are not
-    faster as HasteConv here (:func:`layer_time_ratios` >= 1), each with that as its reason; and
-    the time ratio of every layer timed, by layer name."""
+) -> tuple[onnx.ModelProto, list[ConvDecision], list[LayerPlan], dict[str, float], float | None]:
+    """``conversion`` (``rewrite(original, options)``) again without the layers that do not make
+    the model faster here, each with that as its reason; the time ratio of every layer timed, by
+    layer name; and the time of the model so converted / the original's (None if no layer is
+    left).
+
+    First every converted layer is timed alone (:func:`layer_time_ratios`) and those not faster
+    as HasteConv stay Conv. Then the model is timed as a whole: a layer that is faster alone can
+    still cost more than it saves there (onnxruntime reorders the data around a node it does not
+    know, which matters most at small batches), so while the whole is not faster, the layer that
+    saved least alone goes back to Conv and the whole is timed again."""
+    say = progress or (lambda _: None)
     converted, decisions, plans = conversion
     ratios = layer_time_ratios(converted, feeds, progress=progress)
     by_name = {p.name: ratios[p.output] for p in plans}
-    slower = {name: ratio for name, ratio in by_name.items() if ratio >= 1.0}
-    if not slower:
-        return converted, decisions, plans, by_name
-    excluded = dataclasses.replace(options, exclude=options.exclude + tuple(slower))
-    converted, decisions, plans = rewrite(original, excluded)
-    decisions = [
-        dataclasses.replace(
-            d, reason=f"not faster as HasteConv here (time / Conv time {slower[d.name]:.2f})"
+    reasons = {
+        name: f"not faster as HasteConv here (time / Conv time {ratio:.2f})"
+        for name, ratio in by_name.items()
+        if ratio >= 1.0
+    }
+    model_ratio = None
+    while True:
+        if reasons:
+            excluded = dataclasses.replace(options, exclude=options.exclude + tuple(reasons))
+            converted, decisions, plans = rewrite(original, excluded)
+        if not plans:
+            break
+        say("timing the converted model against the original")
+        model_ratio = model_time_ratio(original, converted, feeds)
+        if model_ratio < 1.0:
+            break
+        least = max(plans, key=lambda p: by_name[p.name])
+        say(f"the model is not faster as a whole ({model_ratio:.2f}): {least.name} stays Conv")
+        reasons[least.name] = (
+            "not faster in the whole model here "
+            f"(model time / original {model_ratio:.2f} with it; alone {by_name[least.name]:.2f})"
         )
-        if d.name in slower
-        else d
+        model_ratio = None
+    decisions = [
+        dataclasses.replace(d, reason=reasons[d.name]) if d.name in reasons else d
         for d in decisions
     ]
-    return converted, decisions, plans, by_name
+    return converted, decisions, plans, by_name, model_ratio

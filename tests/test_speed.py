@@ -121,3 +121,44 @@ def test_cli_only_faster_reports_the_timed_reason(tmp_path, monkeypatch):
     (skipped,) = [s for s in report["skipped"] if s["name"] == "layer1"]
     assert skipped["reason"] == "not faster as HasteConv here (time / Conv time 1.25)"
     assert len(haste_outputs(onnx.load(tmp_path / "example.haste.onnx"))) == 3
+
+
+def test_only_faster_drops_layers_until_the_whole_model_is_faster(tmp_path, monkeypatch):
+    """Every layer is faster alone, but the model is faster as a whole only with at most two
+    of them: the layers that saved least alone go back to Conv, one at a time."""
+    alone = {}
+
+    def fake_ratios(model, feeds, **kwargs):
+        alone.update({name: 0.5 + 0.1 * i for i, name in enumerate(haste_outputs(model))})
+        return dict(alone)
+
+    timed = []
+
+    def fake_model_ratio(original, converted, feeds):
+        timed.append(len(haste_outputs(converted)))
+        return 0.9 if timed[-1] <= 2 else 1.05
+
+    monkeypatch.setattr(speed, "layer_time_ratios", fake_ratios)
+    monkeypatch.setattr(speed, "model_time_ratio", fake_model_ratio)
+    out = tmp_path / "example.haste.onnx"
+    result = convert(EXAMPLE, out, only_faster=True)
+    assert timed == [4, 3, 2]
+    assert result.time_ratio == 0.9
+    assert [p.name for p in result.layers] == ["layer1", "block.conv1"]
+    dropped = {d.name: d.reason for d in result.decisions if d.name in ("block.conv2", "layer2")}
+    assert all("not faster in the whole model" in r and "1.05" in r for r in dropped.values())
+    assert "alone 0.80" in dropped["layer2"] and "alone 0.70" in dropped["block.conv2"]
+    assert len(haste_outputs(onnx.load(out))) == 2
+
+
+def test_only_faster_writes_nothing_when_the_whole_model_is_never_faster(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        speed,
+        "layer_time_ratios",
+        lambda model, feeds, **kw: dict.fromkeys(haste_outputs(model), 0.5),
+    )
+    monkeypatch.setattr(speed, "model_time_ratio", lambda original, converted, feeds: 1.01)
+    out = tmp_path / "example.haste.onnx"
+    with pytest.raises(InputError, match="not faster in the whole model"):
+        convert(EXAMPLE, out, only_faster=True)
+    assert not out.exists()
