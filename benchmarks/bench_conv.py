@@ -491,6 +491,8 @@ def main() -> None:
         )
     if "models" not in args.skip:
         bench_models((14, 10), (1,) if args.quick else (1, 2), 16, repeats)
+        if not args.quick:  # one image at a time: latency, where the reorders weigh most
+            bench_models((14,), (1,), 1, repeats)
     if args.plot is not None and layer_points:
         plot(layer_points, real_points, args.plot)
 
