@@ -56,10 +56,14 @@ TARGET_RATIOS = (0.0, 0.25, 0.375, 0.5, 0.625, 0.75)
 
 
 def session_options(threads: int) -> ort.SessionOptions:
-    """The same options for both sides: default graph optimizations, sequential execution."""
+    """The same options for both sides: default graph optimizations, sequential execution; with
+    more than one thread, workers that sleep when out of work (haste_onnx.speed: interleaved, an
+    idle session's spinning workers take cores from the one being timed)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    if threads > 1:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 

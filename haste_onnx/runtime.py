@@ -64,15 +64,22 @@ def make_session(
 
 
 def quiet_session(
-    model: onnx.ModelProto, *, custom_ops: bool = True, threads: int | None = None
+    model: onnx.ModelProto,
+    *,
+    custom_ops: bool = True,
+    threads: int | None = None,
+    spinning: bool = True,
 ) -> ort.InferenceSession:
-    """A session for the library's own runs (verification, evaluation): onnxruntime's
+    """A session for the library's own runs (verification, evaluation, timing): onnxruntime's
     warnings are silenced, since the library prints nothing; models past the protobuf limit
-    load from a temporary file."""
+    load from a temporary file. ``spinning=False`` makes the worker threads sleep as soon as
+    they run out of work, instead of spinning for more (see :mod:`haste_onnx.speed`)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads is not None:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = ir.session_source(model)
     if custom_ops:
         return make_session(source, sess_options=options)

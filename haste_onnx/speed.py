@@ -2,7 +2,9 @@
 
 Used by ``convert --only-faster`` (keep as Conv the layers that would run slower here) and by
 ``benchmarks/bench_conv.py``. Times are wall-clock medians of interleaved runs, so that both
-sides see the same machine load; only their ratio is meaningful.
+sides see the same machine load; only their ratio is meaningful. With more than one thread,
+both sides' worker threads sleep when they run out of work instead of spinning: interleaved, an
+idle session's spinning workers would take cores from the session being timed.
 """
 
 from __future__ import annotations
@@ -105,8 +107,9 @@ def model_time_ratio(
 ) -> float:
     """Time of the converted model / time of the original, both run on ``feeds`` by onnxruntime
     with the same session options (its default graph optimizations, ``threads`` threads)."""
-    before = runtime.quiet_session(original, custom_ops=False, threads=threads)
-    after = runtime.quiet_session(converted, threads=threads)
+    spinning = threads == 1
+    before = runtime.quiet_session(original, custom_ops=False, threads=threads, spinning=spinning)
+    after = runtime.quiet_session(converted, threads=threads, spinning=spinning)
     t_after, t_before = interleaved_medians(
         [partial(after.run, None, feeds), partial(before.run, None, feeds)], repeats
     )
@@ -131,8 +134,11 @@ def layer_time_ratios(
     ratios = {}
     for node in nodes:
         conv_model, haste_model = layer_models(model, node)
-        conv = runtime.quiet_session(conv_model, custom_ops=False, threads=threads)
-        haste = runtime.quiet_session(haste_model, threads=threads)
+        spinning = threads == 1
+        conv = runtime.quiet_session(
+            conv_model, custom_ops=False, threads=threads, spinning=spinning
+        )
+        haste = runtime.quiet_session(haste_model, threads=threads, spinning=spinning)
         feed = {"X": tensors[node.input[0]]}
         t_haste, t_conv = interleaved_medians(
             [partial(haste.run, None, feed), partial(conv.run, None, feed)], repeats

@@ -162,3 +162,34 @@ def test_only_faster_writes_nothing_when_the_whole_model_is_never_faster(tmp_pat
     with pytest.raises(InputError, match="not faster in the whole model"):
         convert(EXAMPLE, out, only_faster=True)
     assert not out.exists()
+
+
+def test_timing_with_threads_does_not_spin(monkeypatch):
+    """Interleaved, an idle session's spinning workers would take cores from the timed one: with
+    more than one thread both sides sleep when out of work; with one there are no workers."""
+    made = []
+    real = speed.runtime.quiet_session
+
+    def spy(model, **kwargs):
+        session = real(model, **kwargs)
+        made.append(session.get_session_options())
+        return session
+
+    monkeypatch.setattr(speed.runtime, "quiet_session", spy)
+    original = onnx.load(EXAMPLE)
+    converted, _, _ = rewrite(original, HasteOptions())
+    feeds = {"input": np.zeros((1, 3, 32, 32), np.float32)}
+
+    def spinning(options) -> str:
+        try:
+            return options.get_session_config_entry("session.intra_op.allow_spinning")
+        except RuntimeError:  # not set: onnxruntime's default, spinning
+            return "default"
+
+    for threads, expected in [(2, "0"), (1, "default")]:
+        made.clear()
+        speed.model_time_ratio(original, converted, feeds, repeats=1, threads=threads)
+        speed.layer_time_ratios(converted, feeds, repeats=1, threads=threads)
+        timed = [o for o in made if o.intra_op_num_threads == threads]
+        assert len(timed) == 2 + 2 * 4  # both models, then both sides of the four layers
+        assert {spinning(o) for o in timed} == {expected}
