@@ -123,7 +123,12 @@ def convert(
         converted, decisions, plans, time_ratios, model_ratio = speed.keep_faster(
             original, options, (converted, decisions, plans), feeds.arrays, say
         )
-        _require_convs(decisions, source)
+        if not plans:
+            reasons = "; ".join(f"{d.name}: {d.reason}" for d in decisions)
+            raise InputError(
+                f"--only-faster: no layer of {source} makes it faster as HasteConv on this "
+                f"machine, so nothing is written — {reasons}"
+            )
     verification = verify(
         original, converted, plans, feeds.arrays, feeds.description, tolerances or Tolerances(), say
     )
