@@ -351,10 +351,18 @@ _plot_option = click.option(
     "--only-faster",
     is_flag=True,
     help="Time each converted layer alone against onnxruntime's Conv on the verification "
-    "inputs (1 thread) and keep as Conv those not faster as HasteConv on this machine; then time "
+    "inputs (--threads) and keep as Conv those not faster as HasteConv on this machine; then time "
     "the whole model, and while it is not faster than the original keep as Conv the layer that "
     "saved least. Nothing is written if no layer is left. The output depends on the machine, its "
     "load and the batch size.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="onnxruntime intra-op threads of both sides when --only-faster times them: the threads "
+    "the model will run with.",
 )
 @_plot_option
 @_plane_options
@@ -363,9 +371,17 @@ _plot_option = click.option(
 @_tolerance_options
 @_output_options
 def convert(
-    model: Path, output: Path | None, force: bool, only_faster: bool, plot: Path | None, **kw: Any
+    model: Path,
+    output: Path | None,
+    force: bool,
+    only_faster: bool,
+    threads: int,
+    plot: Path | None,
+    **kw: Any,
 ) -> None:
     """Rewrite eligible Convs of MODEL into HasteConv, verify, and report FLOPs."""
+    if threads != 1 and not only_faster:
+        raise click.UsageError("--threads applies to --only-faster's timing only")
     console = _Console(kw["quiet"], kw["json_path"])
     result = api.convert(
         model,
@@ -376,6 +392,7 @@ def convert(
         force,
         progress=console.progress,
         only_faster=only_faster,
+        threads=threads,
     )
     _report(
         console,
@@ -393,7 +410,7 @@ def convert(
     if result.time_ratio is not None:
         console.echo(
             f"converted model time / original model time: {result.time_ratio:.2f} "
-            "(1 thread, on the verification inputs)"
+            f"({threads} thread{'s' if threads > 1 else ''}, on the verification inputs)"
         )
     if not result.passed:
         wrote = (

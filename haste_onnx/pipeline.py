@@ -94,6 +94,7 @@ def convert(
     force: bool = False,
     progress: Progress | None = None,
     only_faster: bool = False,
+    threads: int = 1,
 ) -> ConversionResult:
     """Convert the model at ``source`` and write it to ``output`` (default ``<name>.haste.onnx``)
     if the verification passed, or in any case with ``force``. Nothing is written on failure.
@@ -101,8 +102,8 @@ def convert(
     With ``only_faster``, every converted layer is timed alone against onnxruntime's Conv on the
     verification inputs, and those not faster as HasteConv stay Conv, then the model as a whole
     against the original, and while it is not faster the layer that saved least stays Conv too
-    (:func:`haste_onnx.speed.keep_faster`); the result then depends on the machine and its
-    load."""
+    (:func:`haste_onnx.speed.keep_faster`), both sides with ``threads`` intra-op threads; the
+    result then depends on the machine and its load."""
     source = Path(source)
     target = Path(output) if output is not None else default_output(source)
     check_output_path(source, target)
@@ -121,7 +122,7 @@ def convert(
     if only_faster:
         say("timing each converted layer against Conv")
         converted, decisions, plans, time_ratios, model_ratio = speed.keep_faster(
-            original, options, (converted, decisions, plans), feeds.arrays, say
+            original, options, (converted, decisions, plans), feeds.arrays, say, threads
         )
         if not plans:
             reasons = "; ".join(f"{d.name}: {d.reason}" for d in decisions)

@@ -155,6 +155,7 @@ def keep_faster(
     conversion: Conversion,
     feeds: dict[str, np.ndarray],
     progress: Callable[[str], None] | None = None,
+    threads: int = 1,
 ) -> tuple[onnx.ModelProto, list[ConvDecision], list[LayerPlan], dict[str, float], float | None]:
     """``conversion`` (``rewrite(original, options)``) again without the layers that do not make
     the model faster here, each with that as its reason; the time ratio of every layer timed, by
@@ -165,10 +166,11 @@ def keep_faster(
     as HasteConv stay Conv. Then the model is timed as a whole: a layer that is faster alone can
     still cost more than it saves there (onnxruntime reorders the data around a node it does not
     know, which matters most at small batches), so while the whole is not faster, the layer that
-    saved least alone goes back to Conv and the whole is timed again."""
+    saved least alone goes back to Conv and the whole is timed again. Both sides run with
+    ``threads`` intra-op threads."""
     say = progress or (lambda _: None)
     converted, decisions, plans = conversion
-    ratios = layer_time_ratios(converted, feeds, progress=progress)
+    ratios = layer_time_ratios(converted, feeds, threads=threads, progress=progress)
     by_name = {p.name: ratios[p.output] for p in plans}
     reasons = {
         name: f"not faster as HasteConv here (time / Conv time {ratio:.2f})"
@@ -183,7 +185,7 @@ def keep_faster(
         if not plans:
             break
         say("timing the converted model against the original")
-        model_ratio = model_time_ratio(original, converted, feeds)
+        model_ratio = model_time_ratio(original, converted, feeds, threads=threads)
         if model_ratio < 1.0:
             break
         least = max(plans, key=lambda p: by_name[p.name])

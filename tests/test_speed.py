@@ -70,7 +70,7 @@ def test_only_faster_keeps_the_layers_that_are_not_faster_as_conv(tmp_path, monk
         return {name: 1.5 if i == 0 else 0.5 for i, name in enumerate(outputs)}
 
     monkeypatch.setattr(speed, "layer_time_ratios", fake_ratios)
-    monkeypatch.setattr(speed, "model_time_ratio", lambda original, converted, feeds: 0.875)
+    monkeypatch.setattr(speed, "model_time_ratio", lambda original, converted, feeds, **kw: 0.875)
     out = tmp_path / "example.haste.onnx"
     result = convert(EXAMPLE, out, only_faster=True)
     assert result.time_ratio == 0.875
@@ -109,7 +109,7 @@ def test_cli_only_faster_reports_the_timed_reason(tmp_path, monkeypatch):
             | dict.fromkeys(haste_outputs(model)[1:], 0.75)
         ),
     )
-    monkeypatch.setattr(speed, "model_time_ratio", lambda original, converted, feeds: 0.875)
+    monkeypatch.setattr(speed, "model_time_ratio", lambda original, converted, feeds, **kw: 0.875)
     src = tmp_path / "example.onnx"
     src.write_bytes(EXAMPLE.read_bytes())
     result = CliRunner().invoke(main, ["convert", str(src), "--only-faster", "--json", "-"])
@@ -134,7 +134,7 @@ def test_only_faster_drops_layers_until_the_whole_model_is_faster(tmp_path, monk
 
     timed = []
 
-    def fake_model_ratio(original, converted, feeds):
+    def fake_model_ratio(original, converted, feeds, **kwargs):
         timed.append(len(haste_outputs(converted)))
         return 0.9 if timed[-1] <= 2 else 1.05
 
@@ -157,7 +157,7 @@ def test_only_faster_writes_nothing_when_the_whole_model_is_never_faster(tmp_pat
         "layer_time_ratios",
         lambda model, feeds, **kw: dict.fromkeys(haste_outputs(model), 0.5),
     )
-    monkeypatch.setattr(speed, "model_time_ratio", lambda original, converted, feeds: 1.01)
+    monkeypatch.setattr(speed, "model_time_ratio", lambda original, converted, feeds, **kw: 1.01)
     out = tmp_path / "example.haste.onnx"
     with pytest.raises(InputError, match="nothing is written") as error:
         convert(EXAMPLE, out, only_faster=True)
@@ -194,3 +194,33 @@ def test_timing_with_threads_does_not_spin(monkeypatch):
         timed = [o for o in made if o.intra_op_num_threads == threads]
         assert len(timed) == 2 + 2 * 4  # both models, then both sides of the four layers
         assert {spinning(o) for o in timed} == {expected}
+
+
+def test_only_faster_times_both_sides_with_the_threads_asked_for(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_ratios(model, feeds, threads=1, **kwargs):
+        seen.append(("layers", threads))
+        return dict.fromkeys(haste_outputs(model), 0.5)
+
+    def fake_model_ratio(original, converted, feeds, threads=1, **kwargs):
+        seen.append(("model", threads))
+        return 0.9
+
+    monkeypatch.setattr(speed, "layer_time_ratios", fake_ratios)
+    monkeypatch.setattr(speed, "model_time_ratio", fake_model_ratio)
+    result = convert(EXAMPLE, tmp_path / "example.haste.onnx", only_faster=True, threads=2)
+    assert result.time_ratio == 0.9
+    assert seen == [("layers", 2), ("model", 2)]
+
+
+def test_cli_threads_only_with_only_faster(tmp_path):
+    from click.testing import CliRunner
+    from haste_onnx.cli.main import main
+
+    src = tmp_path / "example.onnx"
+    src.write_bytes(EXAMPLE.read_bytes())
+    result = CliRunner().invoke(main, ["convert", str(src), "--threads", "2"])
+    assert result.exit_code == 2
+    assert "--threads applies to --only-faster" in result.output
+    assert not (tmp_path / "example.haste.onnx").exists()
