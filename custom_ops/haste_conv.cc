@@ -367,14 +367,17 @@ struct WorkItem {
 // How many buckets ahead the kernels prefetch filters.
 constexpr int64_t kPrefetch = 2;
 
+// Prefetches the filter (`stride` floats) of one channel in a filter block.
+inline void PrefetchFilter(const float* filters, int64_t stride, int32_t channel) {
+  const float* filter = filters + channel * stride;
+  for (int64_t j = 0; j < stride; j += 64 / sizeof(float)) __builtin_prefetch(filter + j);
+}
+
 // Prefetches the filters (`stride` floats each, in one filter block) of the channels of bucket b:
 // a tile's buckets read scattered filters of the block.
 inline void PrefetchFilters(const float* filters, int64_t stride, const int32_t* order,
                             const int32_t* starts, int64_t b) {
-  for (int32_t i = starts[b]; i < starts[b + 1]; ++i) {
-    const float* next = filters + order[i] * stride;
-    for (int64_t j = 0; j < stride; j += 64 / sizeof(float)) __builtin_prefetch(next + j);
-  }
+  for (int32_t i = starts[b]; i < starts[b + 1]; ++i) PrefetchFilter(filters, stride, order[i]);
 }
 
 // Prefetches the filter block a thread reads next, a few cache lines per bucket, while the
@@ -568,11 +571,7 @@ __attribute__((always_inline)) inline void SumLargeBucketsWith(const float* filt
   Vec* sums = reinterpret_cast<Vec*>(wsum);
   const int32_t end = starts[buckets];
   auto fetch = [&](int32_t i) __attribute__((always_inline)) {
-    if (i >= end) return;
-    const char* filter = reinterpret_cast<const char*>(w + order[i] * 9);
-    for (int64_t j = 0; j < 9 * kLanes * int64_t{sizeof(float)}; j += 64) {
-      __builtin_prefetch(filter + j);
-    }
+    if (i < end) PrefetchFilter(filters, 9 * kLanes, order[i]);
   };
   for (int32_t i = starts[large]; i < starts[large] + kSumAhead; ++i) fetch(i);
   for (int64_t b = large; b < buckets; ++b) {
@@ -727,7 +726,7 @@ __attribute__((always_inline)) inline void ConvWith(const Job& job, const ChunkB
   const int64_t item_tiles = (item.row_end - item.row_begin) * g.tiles_x;
   for (int64_t block = item.block_begin; block < item.block_end; ++block) {
     const int64_t m0 = block * kLanes;
-    const float* filters = job.filters + m0 * g.c * taps;
+    const float* filters = job.filters + block * block_floats;
     // The next block, in a slice for each tile of the item: the item's next block, or the first
     // of the item that follows (items go row group after row group, block range after range).
     const char* next =
