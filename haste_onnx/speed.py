@@ -17,6 +17,7 @@ from functools import partial
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from haste_onnx import ir, runtime
@@ -98,6 +99,16 @@ def layer_models(
     return one_layer(conv_nodes, [""]), one_layer([haste], ["", DOMAIN])
 
 
+def _timed_session(
+    model: onnx.ModelProto, threads: int, custom_ops: bool = True
+) -> ort.InferenceSession:
+    """A session to time with ``threads`` threads; with more than one, its workers sleep when out
+    of work instead of spinning (see the module's docstring)."""
+    return runtime.quiet_session(
+        model, custom_ops=custom_ops, threads=threads, spinning=threads == 1
+    )
+
+
 def model_time_ratio(
     original: onnx.ModelProto,
     converted: onnx.ModelProto,
@@ -107,9 +118,8 @@ def model_time_ratio(
 ) -> float:
     """Time of the converted model / time of the original, both run on ``feeds`` by onnxruntime
     with the same session options (its default graph optimizations, ``threads`` threads)."""
-    spinning = threads == 1
-    before = runtime.quiet_session(original, custom_ops=False, threads=threads, spinning=spinning)
-    after = runtime.quiet_session(converted, threads=threads, spinning=spinning)
+    before = _timed_session(original, threads, custom_ops=False)
+    after = _timed_session(converted, threads)
     t_after, t_before = interleaved_medians(
         [partial(after.run, None, feeds), partial(before.run, None, feeds)], repeats
     )
@@ -134,11 +144,8 @@ def layer_time_ratios(
     ratios = {}
     for node in nodes:
         conv_model, haste_model = layer_models(model, node)
-        spinning = threads == 1
-        conv = runtime.quiet_session(
-            conv_model, custom_ops=False, threads=threads, spinning=spinning
-        )
-        haste = runtime.quiet_session(haste_model, threads=threads, spinning=spinning)
+        conv = _timed_session(conv_model, threads, custom_ops=False)
+        haste = _timed_session(haste_model, threads)
         feed = {"X": tensors[node.input[0]]}
         t_haste, t_conv = interleaved_medians(
             [partial(haste.run, None, feed), partial(conv.run, None, feed)], repeats
