@@ -7,12 +7,12 @@ cell is the minimum over the repetitions divided by Conv's minimum. Give a libra
 the spread between two alternations.
 
     python benchmarks/compare_builds.py OLD.so NEW.so OLD.so NEW.so \\
-        [--case 128:28:0.5 ...] [--layer features.21 ...] [--repeats 20]
+        [--case 128:28:0.5 ...] [--layer features.21 ...] [--batch 8] [--repeats 20]
 
 A case is C:H:r_target, a single 3x3 layer with C = M on an input of controlled redundancy (as
 in bench_conv.py); a layer is a 3x3 layer of the trained Fashion-MNIST models by node name, fed
-with its real activations (batch 8). The last columns give the largest output difference
-against the first library.
+with its real activations (--batch images, 8 by default). The last columns give the largest
+output difference against the first library.
 """
 
 # ruff: noqa: E402  (the BLAS thread count must be set before numpy is imported)
@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("libraries", nargs="+", help="builds of libhaste_onnx_ops.so")
     parser.add_argument("--case", action="append", help="C:H:r_target (default: three cases)")
     parser.add_argument("--layer", action="append", default=[], help="a Fashion model's layer")
+    parser.add_argument("--batch", type=int, default=8, help="images fed to --layer (default 8)")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     cases = args.case or ([] if args.layer else list(DEFAULT_CASES))
@@ -83,7 +84,7 @@ def main() -> None:
     columns = " | ".join(os.path.basename(lib) for lib in args.libraries)
     print(f"| layer | r | Conv ms | {columns} | max difference to the first |")
     print("|" + "---|" * (4 + len(args.libraries)))
-    for label, x, w, b in chosen_layers(cases, args.layer):
+    for label, x, w, b in chosen_layers(cases, args.layer, args.batch):
         compare(label, x, w, b, args.libraries, args.repeats)
 
 

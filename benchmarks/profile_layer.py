@@ -5,7 +5,7 @@ runs, and counts of the work done):
 
     cmake -S custom_ops -B build/profile -DHASTE_PROFILE=ON && cmake --build build/profile
     python benchmarks/profile_layer.py build/profile/libhaste_onnx_ops.so \\
-        [--case 128:28:0.5 ...] [--layer features.21 ...] [--repeats 20]
+        [--case 128:28:0.5 ...] [--layer features.21 ...] [--batch 8] [--repeats 20]
 
 Cases and layers as in compare_builds.py. HasteConv and Conv run interleaved on one thread; every
 figure is a mean over the HasteConv runs (the profiling build itself is a few per cent slower than
@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("library", help="a build of libhaste_onnx_ops.so with -DHASTE_PROFILE=ON")
     parser.add_argument("--case", action="append", help="C:H:r_target (default: three cases)")
     parser.add_argument("--layer", action="append", default=[], help="a Fashion model's layer")
+    parser.add_argument("--batch", type=int, default=8, help="images fed to --layer (default 8)")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     cases = args.case or ([] if args.layer else list(DEFAULT_CASES))
@@ -149,7 +150,7 @@ def main() -> None:
         f"onnxruntime {ort.__version__}; 1 thread, L = 14, T = {DEFAULT_TILE}; means of "
         f"{args.repeats} interleaved samples"
     )
-    for label, x, w, b in chosen_layers(cases, args.layer):
+    for label, x, w, b in chosen_layers(cases, args.layer, args.batch):
         profile(label, x, w, b, os.path.abspath(args.library), hook, args.repeats)
 
 
