@@ -16,11 +16,13 @@ cxx=${CXX:-c++}
 preload="$("$cxx" -print-file-name=libasan.so) $("$cxx" -print-file-name=libstdc++.so)"
 
 # Each build is one translation unit that takes minutes to compile instrumented: the two are
-# built side by side, one core each.
+# built side by side, one core each, at -O1 (the sanitizers' own advice: fast enough to run, and
+# about two thirds of the compile time of -O2).
 pids=()
 for portable in OFF ON; do
   cmake -S "$repo/custom_ops" -B "$build/$portable" -DHASTE_SANITIZE=ON \
-    -DHASTE_PORTABLE=$portable -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+    -DHASTE_PORTABLE=$portable -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g -DNDEBUG" >/dev/null
   cmake --build "$build/$portable" >/dev/null &
   pids+=($!)
 done
