@@ -36,7 +36,7 @@ from haste_onnx.opdef import DEFAULT_TILE, DOMAIN, make_node
 from haste_onnx.passes.rewrite import HasteOptions, rewrite
 from haste_onnx.reference import hash_stats
 from haste_onnx.runtime import make_session
-from haste_onnx.speed import interleaved_medians, keep_faster, model_time_ratio
+from haste_onnx.speed import interleaved_medians, keep_faster, time_model
 
 ROOT = Path(__file__).resolve().parent.parent
 FASHION_MODELS = {
@@ -383,7 +383,7 @@ def bench_models(
             r = mean_r(converted, feed)
             name = f"{num_planes}, only faster ({len(plans)} layers)" if only_faster else num_planes
             for n_threads in threads:
-                ratio = model_time_ratio(original, converted, feed, repeats, n_threads)
+                ratio = time_model(original, converted, feed, repeats, n_threads).ratio
                 print(f"| {label} | {name} | {n_threads} | {ratio:.2f} | {r:.2f} |", flush=True)
 
 

@@ -41,7 +41,7 @@ class ConversionResult:
     verification: Verification
     flops: report.FlopsReport
     written: list[Path]
-    time_ratio: float | None = None  # with only_faster: converted / original model time
+    timing: speed.Comparison | None = None  # with only_faster: the converted model vs original
 
     @property
     def passed(self) -> bool:
@@ -117,11 +117,11 @@ def convert(
     _require_convs(decisions, source)
     onnx.checker.check_model(ir.session_source(converted))
     feeds = make_feeds(original, verify_options)
-    time_ratios = None
-    model_ratio = None
+    layer_timings: dict[str, speed.Comparison] = {}
+    model_timing = None
     if only_faster:
         say("timing each converted layer against Conv")
-        converted, decisions, plans, time_ratios, model_ratio = speed.keep_faster(
+        converted, decisions, plans, layer_timings, model_timing = speed.keep_faster(
             original, options, (converted, decisions, plans), feeds.arrays, say, threads
         )
         if not plans:
@@ -135,14 +135,20 @@ def convert(
     )
     shapes = {k: tuple(v.shape) for k, v in feeds.arrays.items()}
     flops_report = report.build(
-        original, decisions, plans, verification.layers, shapes, feeds.description, time_ratios
+        original,
+        decisions,
+        plans,
+        verification.layers,
+        shapes,
+        feeds.description,
+        {name: timing.ratio for name, timing in layer_timings.items()} if only_faster else None,
     )
     written: list[Path] = []
     if verification.passed or force:
         say(f"writing {target}")
         written = ir.save(converted, target, external_data=ir.uses_external_data(source))
     return ConversionResult(
-        converted, decisions, plans, verification, flops_report, written, model_ratio
+        converted, decisions, plans, verification, flops_report, written, model_timing
     )
 
 

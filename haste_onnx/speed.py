@@ -1,15 +1,18 @@
 """Timing HasteConv layers against onnxruntime's own Conv, side by side.
 
 Used by ``convert --only-faster`` (keep as Conv the layers that would run slower here) and by
-``benchmarks/bench_conv.py``. Times are wall-clock medians of interleaved runs, so that both
-sides see the same machine load; only their ratio is meaningful. With more than one thread,
-both sides' worker threads sleep when they run out of work instead of spinning: interleaved, an
-idle session's spinning workers would take cores from the session being timed.
+``benchmarks/bench_conv.py``. The two sides run in alternation, round after round, so that both
+see the same machine load; only the ratio of their times is meaningful. "Faster" means faster
+beyond the machine's noise: the HasteConv side won so many rounds that two sides of equal speed
+would win as many less than one time in twenty (a one-sided sign test). With more than one
+thread, both sides' worker threads sleep when they run out of work instead of spinning:
+interleaved, an idle session's spinning workers would take cores from the session being timed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +31,39 @@ Conversion = tuple[onnx.ModelProto, list[ConvDecision], list[LayerPlan]]
 
 #: Each timed sample repeats its call for at least this long.
 SAMPLE_SECONDS = 0.005
+#: Rounds of each side-by-side timing that --only-faster decides on.
+ROUNDS = 9
+#: The sign test's level: how often two sides of equal speed may pass for "faster".
+SIGNIFICANCE = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """A HasteConv side timed against its Conv side, in rounds that alternate the two."""
+
+    ratio: float  # median time of the HasteConv side / median time of the Conv side
+    wins: int  # rounds in which the HasteConv side took less time than the Conv side
+    rounds: int
+
+    @property
+    def faster(self) -> bool:
+        """Faster beyond chance: a lower median, and so many rounds won that two sides of equal
+        speed would win as many with a probability under SIGNIFICANCE (each round times both
+        sides under the same load, so the machine's drifts cancel)."""
+        chance = sum(math.comb(self.rounds, k) for k in range(self.wins, self.rounds + 1))
+        return self.ratio < 1.0 and chance / 2**self.rounds < SIGNIFICANCE
+
+    def __str__(self) -> str:
+        return f"{self.ratio:.2f}, faster in {self.wins} of {self.rounds} rounds"
+
+
+def compare(
+    haste: Callable[[], object], conv: Callable[[], object], rounds: int = ROUNDS
+) -> Comparison:
+    """Time ``haste`` against ``conv`` in ``rounds`` alternating rounds."""
+    t_haste, t_conv = interleaved_samples([haste, conv], rounds)
+    wins = sum(h < c for h, c in zip(t_haste, t_conv))
+    return Comparison(statistics.median(t_haste) / statistics.median(t_conv), wins, rounds)
 
 
 def interleaved_samples(
@@ -36,7 +72,8 @@ def interleaved_samples(
     clock: Callable[[], float] = time.perf_counter,
 ) -> list[list[float]]:
     """``repeats`` samples of seconds per call of each run, on ``clock``; the runs alternate, so
-    that all see the same load. Each sample times enough calls to last about ``SAMPLE_SECONDS``."""
+    that all see the same load, in an order that reverses every round, so that none always goes
+    first. Each sample times enough calls to last about ``SAMPLE_SECONDS``."""
     for run in runs:
         run()  # warm-up
     batches = []
@@ -46,8 +83,9 @@ def interleaved_samples(
         elapsed = max(clock() - start, 1e-6)
         batches.append(max(1, int(SAMPLE_SECONDS / elapsed)))
     samples: list[list[float]] = [[] for _ in runs]
-    for _ in range(repeats):
-        for run, batch, times in zip(runs, batches, samples):
+    for round_ in range(repeats):
+        turns = list(zip(runs, batches, samples))
+        for run, batch, times in turns[:: -1 if round_ % 2 else 1]:
             start = clock()
             for _ in range(batch):
                 run()
@@ -109,51 +147,47 @@ def _timed_session(
     )
 
 
-def model_time_ratio(
+def time_model(
     original: onnx.ModelProto,
     converted: onnx.ModelProto,
     feeds: dict[str, np.ndarray],
-    repeats: int = 7,
+    rounds: int = ROUNDS,
     threads: int = 1,
-) -> float:
-    """Time of the converted model / time of the original, both run on ``feeds`` by onnxruntime
-    with the same session options (its default graph optimizations, ``threads`` threads)."""
+) -> Comparison:
+    """The converted model timed against the original, both run on ``feeds`` by onnxruntime with
+    the same session options (its default graph optimizations, ``threads`` threads)."""
     before = _timed_session(original, threads, custom_ops=False)
     after = _timed_session(converted, threads)
-    t_after, t_before = interleaved_medians(
-        [partial(after.run, None, feeds), partial(before.run, None, feeds)], repeats
-    )
-    return t_after / t_before
+    return compare(partial(after.run, None, feeds), partial(before.run, None, feeds), rounds)
 
 
-def layer_time_ratios(
+def time_layers(
     model: onnx.ModelProto,
     feeds: dict[str, np.ndarray],
-    repeats: int = 7,
+    rounds: int = ROUNDS,
     threads: int = 1,
     progress: Callable[[str], None] | None = None,
-) -> dict[str, float]:
-    """HasteConv time / Conv time of every HasteConv node of the converted ``model``, by the
-    node's output name: each layer alone, fed the input it gets when ``model`` runs on
+) -> dict[str, Comparison]:
+    """Every HasteConv node of the converted ``model`` timed against the same layer as Conv, by
+    the node's output name: each layer alone, fed the input it gets when ``model`` runs on
     ``feeds``."""
     nodes = [n for n in model.graph.node if n.domain == DOMAIN]
     session = runtime.quiet_session(ir.with_outputs(model, [n.input[0] for n in nodes]))
     names = [o.name for o in session.get_outputs()]
     tensors = dict(zip(names, session.run(names, feeds)))
     tensors.update(feeds)
-    ratios = {}
+    timings = {}
     for node in nodes:
         conv_model, haste_model = layer_models(model, node)
         conv = _timed_session(conv_model, threads, custom_ops=False)
         haste = _timed_session(haste_model, threads)
         feed = {"X": tensors[node.input[0]]}
-        t_haste, t_conv = interleaved_medians(
-            [partial(haste.run, None, feed), partial(conv.run, None, feed)], repeats
+        timing = timings[node.output[0]] = compare(
+            partial(haste.run, None, feed), partial(conv.run, None, feed), rounds
         )
-        ratio = ratios[node.output[0]] = t_haste / t_conv
         if progress:
-            progress(f"timed {node.name or node.output[0]}: HasteConv / Conv time {ratio:.2f}")
-    return ratios
+            progress(f"timed {node.name or node.output[0]}: HasteConv / Conv time {timing}")
+    return timings
 
 
 def keep_faster(
@@ -163,47 +197,48 @@ def keep_faster(
     feeds: dict[str, np.ndarray],
     progress: Callable[[str], None] | None = None,
     threads: int = 1,
-) -> tuple[onnx.ModelProto, list[ConvDecision], list[LayerPlan], dict[str, float], float | None]:
+) -> tuple[
+    onnx.ModelProto, list[ConvDecision], list[LayerPlan], dict[str, Comparison], Comparison | None
+]:
     """``conversion`` (``rewrite(original, options)``) again without the layers that do not make
-    the model faster here, each with that as its reason; the time ratio of every layer timed, by
-    layer name; and the time of the model so converted / the original's (None if no layer is
-    left).
+    the model faster here, each with that as its reason; the timing of every layer timed, by
+    layer name; and the timing of the model so converted against the original (None if no layer
+    is left).
 
-    First every converted layer is timed alone (:func:`layer_time_ratios`) and those not faster
-    as HasteConv stay Conv. Then the model is timed as a whole: a layer that is faster alone can
-    still cost more than it saves there (onnxruntime reorders the data around a node it does not
-    know, which matters most at small batches), so while the whole is not faster, the layer that
-    saved least alone goes back to Conv and the whole is timed again. Both sides run with
-    ``threads`` intra-op threads."""
+    First every converted layer is timed alone (:func:`time_layers`) and those not faster as
+    HasteConv (:attr:`Comparison.faster`) stay Conv. Then the model is timed as a whole: a layer
+    that is faster alone can still cost more than it saves there (onnxruntime reorders the data
+    around a node it does not know, which matters most at small batches), so while the whole is
+    not faster, the layer that saved least alone goes back to Conv and the whole is timed again.
+    Both sides run with ``threads`` intra-op threads."""
     say = progress or (lambda _: None)
     converted, decisions, plans = conversion
-    ratios = layer_time_ratios(converted, feeds, threads=threads, progress=progress)
-    by_name = {p.name: ratios[p.output] for p in plans}
+    timings = time_layers(converted, feeds, threads=threads, progress=progress)
+    by_name = {p.name: timings[p.output] for p in plans}
     reasons = {
-        name: f"not faster as HasteConv here (time / Conv time {ratio:.2f})"
-        for name, ratio in by_name.items()
-        if ratio >= 1.0
+        name: f"not faster as HasteConv here (time / Conv time {timing})"
+        for name, timing in by_name.items()
+        if not timing.faster
     }
-    model_ratio = None
     while True:
         if reasons:
             excluded = dataclasses.replace(options, exclude=options.exclude + tuple(reasons))
             converted, decisions, plans = rewrite(original, excluded)
         if not plans:
+            model = None
             break
         say("timing the converted model against the original")
-        model_ratio = model_time_ratio(original, converted, feeds, threads=threads)
-        if model_ratio < 1.0:
+        model = time_model(original, converted, feeds, threads=threads)
+        if model.faster:
             break
-        least = max(plans, key=lambda p: by_name[p.name])
-        say(f"the model is not faster as a whole ({model_ratio:.2f}): {least.name} stays Conv")
+        least = max(plans, key=lambda p: by_name[p.name].ratio)
+        say(f"the model is not faster as a whole ({model}): {least.name} stays Conv")
         reasons[least.name] = (
-            "not faster in the whole model here "
-            f"(model time / original {model_ratio:.2f} with it; alone {by_name[least.name]:.2f})"
+            f"not faster in the whole model here (model time / original {model} with it; "
+            f"alone {by_name[least.name].ratio:.2f})"
         )
-        model_ratio = None
     decisions = [
         dataclasses.replace(d, reason=reasons[d.name]) if d.name in reasons else d
         for d in decisions
     ]
-    return converted, decisions, plans, by_name, model_ratio
+    return converted, decisions, plans, by_name, model

@@ -1,5 +1,6 @@
 """`convert(only_faster=True)` and the layer timing behind it (selection and models, not speed)."""
 
+import itertools
 import json
 from pathlib import Path
 
@@ -19,6 +20,35 @@ EXAMPLE = Path(__file__).parent.parent / "models" / "example.onnx"
 
 def haste_outputs(model: onnx.ModelProto) -> list[str]:
     return [n.output[0] for n in model.graph.node if n.domain == opdef.DOMAIN]
+
+
+def timing(ratio: float, wins: int = 9) -> speed.Comparison:
+    """A timing of nine rounds: faster (a lower median, and 8 or 9 rounds won) or not."""
+    return speed.Comparison(ratio, wins, 9)
+
+
+def test_faster_means_beyond_chance():
+    """A one-sided sign test at 5 %: of nine rounds, eight won are needed (seven or more happen
+    by chance 9 % of the time); of seven, all seven; and the median must be lower too."""
+    assert timing(0.9, 8).faster and timing(0.9, 9).faster
+    assert not timing(0.9, 7).faster and not timing(0.5, 5).faster
+    assert speed.Comparison(0.9, 7, 7).faster and not speed.Comparison(0.9, 6, 7).faster
+    assert not timing(1.0, 9).faster
+    assert str(timing(0.875, 8)) == "0.88, faster in 8 of 9 rounds"
+
+
+def test_compare_counts_the_rounds_won(monkeypatch):
+    samples = [[1.0, 3.0, 1.0, 5.0, 1.0], [2.0, 2.0, 2.0, 2.0, 2.0]]
+    monkeypatch.setattr(speed, "interleaved_samples", lambda runs, rounds: samples)
+    assert speed.compare(lambda: None, lambda: None, 5) == speed.Comparison(0.5, 3, 5)
+
+
+def test_interleaved_samples_alternate_which_side_goes_first():
+    calls = []
+    ticks = itertools.count()  # a clock on which every call lasts long: one call per sample
+    runs = [lambda: calls.append("a"), lambda: calls.append("b")]
+    speed.interleaved_samples(runs, 4, clock=lambda: next(ticks))
+    assert "".join(calls) == "abab" + "abbaabba"  # warm-up, calibration, then four rounds
 
 
 def test_layer_models_are_the_layer_as_conv_and_as_hasteconv():
@@ -45,20 +75,21 @@ def test_layer_models_are_the_layer_as_conv_and_as_hasteconv():
     assert any(p.fused_relu for p in plans) and not all(p.fused_relu for p in plans)
 
 
-def test_layer_time_ratios_times_every_hasteconv_node():
+def test_time_layers_times_every_hasteconv_node():
     converted, _, _ = rewrite(onnx.load(EXAMPLE), HasteOptions())
     feeds = {"input": np.zeros((1, 3, 32, 32), np.float32)}
-    ratios = speed.layer_time_ratios(converted, feeds, repeats=1)
-    assert sorted(ratios) == sorted(haste_outputs(converted))
-    assert all(np.isfinite(r) and r > 0 for r in ratios.values())
+    timings = speed.time_layers(converted, feeds, rounds=2)
+    assert sorted(timings) == sorted(haste_outputs(converted))
+    for t in timings.values():
+        assert np.isfinite(t.ratio) and t.ratio > 0 and 0 <= t.wins <= t.rounds == 2
 
 
-def test_model_time_ratio_times_both_models():
+def test_time_model_times_both_models():
     original = onnx.load(EXAMPLE)
     converted, _, _ = rewrite(original, HasteOptions())
     feeds = {"input": np.zeros((1, 3, 32, 32), np.float32)}
-    ratio = speed.model_time_ratio(original, converted, feeds, repeats=1)
-    assert np.isfinite(ratio) and ratio > 0
+    t = speed.time_model(original, converted, feeds, rounds=2)
+    assert np.isfinite(t.ratio) and t.ratio > 0 and 0 <= t.wins <= t.rounds == 2
 
 
 def test_only_faster_keeps_the_layers_that_are_not_faster_as_conv(tmp_path, monkeypatch):
@@ -67,13 +98,13 @@ def test_only_faster_keeps_the_layers_that_are_not_faster_as_conv(tmp_path, monk
     def fake_ratios(model, feeds, **kwargs):  # the first layer is slower, the others faster
         outputs = haste_outputs(model)
         timed.append(outputs)
-        return {name: 1.5 if i == 0 else 0.5 for i, name in enumerate(outputs)}
+        return {name: timing(1.5 if i == 0 else 0.5) for i, name in enumerate(outputs)}
 
-    monkeypatch.setattr(speed, "layer_time_ratios", fake_ratios)
-    monkeypatch.setattr(speed, "model_time_ratio", lambda original, converted, feeds, **kw: 0.875)
+    monkeypatch.setattr(speed, "time_layers", fake_ratios)
+    monkeypatch.setattr(speed, "time_model", lambda original, converted, feeds, **kw: timing(0.875))
     out = tmp_path / "example.haste.onnx"
     result = convert(EXAMPLE, out, only_faster=True)
-    assert result.time_ratio == 0.875
+    assert result.timing == timing(0.875)
     assert len(timed) == 1 and len(timed[0]) == 4
     assert result.passed, result.verification.failures
     assert [p.name for p in result.layers] == ["block.conv1", "block.conv2", "layer2"]
@@ -85,11 +116,32 @@ def test_only_faster_keeps_the_layers_that_are_not_faster_as_conv(tmp_path, monk
     assert sum(n.op_type == "Conv" for n in model.graph.node) == 3  # stem, layer1, down
 
 
+def test_only_faster_keeps_as_conv_a_layer_faster_only_by_chance(tmp_path, monkeypatch):
+    """A lower median that won 6 of 9 rounds is within the machine's noise: the layer stays
+    Conv, and its reason says so."""
+    monkeypatch.setattr(
+        speed,
+        "time_layers",
+        lambda model, feeds, **kw: {
+            name: timing(0.95, 6) if i == 0 else timing(0.5)
+            for i, name in enumerate(haste_outputs(model))
+        },
+    )
+    monkeypatch.setattr(speed, "time_model", lambda original, converted, feeds, **kw: timing(0.9))
+    result = convert(EXAMPLE, tmp_path / "example.haste.onnx", only_faster=True)
+    assert [p.name for p in result.layers] == ["block.conv1", "block.conv2", "layer2"]
+    (kept,) = [d for d in result.decisions if d.name == "layer1"]
+    assert (
+        kept.reason
+        == "not faster as HasteConv here (time / Conv time 0.95, faster in 6 of 9 rounds)"
+    )
+
+
 def test_only_faster_with_no_faster_layer_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(
         speed,
-        "layer_time_ratios",
-        lambda model, feeds, **kw: dict.fromkeys(haste_outputs(model), 2.0),
+        "time_layers",
+        lambda model, feeds, **kw: dict.fromkeys(haste_outputs(model), timing(2.0, 0)),
     )
     out = tmp_path / "example.haste.onnx"
     with pytest.raises(InputError, match="not faster as HasteConv"):
@@ -103,23 +155,29 @@ def test_cli_only_faster_reports_the_timed_reason(tmp_path, monkeypatch):
 
     monkeypatch.setattr(
         speed,
-        "layer_time_ratios",
+        "time_layers",
         lambda model, feeds, **kw: (
-            dict.fromkeys(haste_outputs(model)[:1], 1.25)
-            | dict.fromkeys(haste_outputs(model)[1:], 0.75)
+            dict.fromkeys(haste_outputs(model)[:1], timing(1.25, 1))
+            | dict.fromkeys(haste_outputs(model)[1:], timing(0.75))
         ),
     )
-    monkeypatch.setattr(speed, "model_time_ratio", lambda original, converted, feeds, **kw: 0.875)
+    monkeypatch.setattr(
+        speed, "time_model", lambda original, converted, feeds, **kw: timing(0.875, 8)
+    )
     src = tmp_path / "example.onnx"
     src.write_bytes(EXAMPLE.read_bytes())
     result = CliRunner().invoke(main, ["convert", str(src), "--only-faster", "--json", "-"])
     assert result.exit_code == 0, result.output
-    assert "converted model time / original model time: 0.88" in result.stderr
+    assert (
+        "converted model time / original model time: 0.88, faster in 8 of 9 rounds" in result.stderr
+    )
     report = json.loads(result.stdout)
-    assert report["time_ratio"] == 0.875
+    assert (report["time_ratio"], report["time_wins"], report["time_rounds"]) == (0.875, 8, 9)
     assert [layer["time_ratio"] for layer in report["layers"]] == [0.75, 0.75, 0.75]
     (skipped,) = [s for s in report["skipped"] if s["name"] == "layer1"]
-    assert skipped["reason"] == "not faster as HasteConv here (time / Conv time 1.25)"
+    assert skipped["reason"] == (
+        "not faster as HasteConv here (time / Conv time 1.25, faster in 1 of 9 rounds)"
+    )
     assert len(haste_outputs(onnx.load(tmp_path / "example.haste.onnx"))) == 3
 
 
@@ -129,21 +187,21 @@ def test_only_faster_drops_layers_until_the_whole_model_is_faster(tmp_path, monk
     alone = {}
 
     def fake_ratios(model, feeds, **kwargs):
-        alone.update({name: 0.5 + 0.1 * i for i, name in enumerate(haste_outputs(model))})
+        alone.update({name: timing(0.5 + 0.1 * i) for i, name in enumerate(haste_outputs(model))})
         return dict(alone)
 
     timed = []
 
     def fake_model_ratio(original, converted, feeds, **kwargs):
         timed.append(len(haste_outputs(converted)))
-        return 0.9 if timed[-1] <= 2 else 1.05
+        return timing(0.9) if timed[-1] <= 2 else timing(1.05, 2)
 
-    monkeypatch.setattr(speed, "layer_time_ratios", fake_ratios)
-    monkeypatch.setattr(speed, "model_time_ratio", fake_model_ratio)
+    monkeypatch.setattr(speed, "time_layers", fake_ratios)
+    monkeypatch.setattr(speed, "time_model", fake_model_ratio)
     out = tmp_path / "example.haste.onnx"
     result = convert(EXAMPLE, out, only_faster=True)
     assert timed == [4, 3, 2]
-    assert result.time_ratio == 0.9
+    assert result.timing == timing(0.9)
     assert [p.name for p in result.layers] == ["layer1", "block.conv1"]
     dropped = {d.name: d.reason for d in result.decisions if d.name in ("block.conv2", "layer2")}
     assert all("not faster in the whole model" in r and "1.05" in r for r in dropped.values())
@@ -154,10 +212,12 @@ def test_only_faster_drops_layers_until_the_whole_model_is_faster(tmp_path, monk
 def test_only_faster_writes_nothing_when_the_whole_model_is_never_faster(tmp_path, monkeypatch):
     monkeypatch.setattr(
         speed,
-        "layer_time_ratios",
-        lambda model, feeds, **kw: dict.fromkeys(haste_outputs(model), 0.5),
+        "time_layers",
+        lambda model, feeds, **kw: dict.fromkeys(haste_outputs(model), timing(0.5)),
     )
-    monkeypatch.setattr(speed, "model_time_ratio", lambda original, converted, feeds, **kw: 1.01)
+    monkeypatch.setattr(
+        speed, "time_model", lambda original, converted, feeds, **kw: timing(1.01, 4)
+    )
     out = tmp_path / "example.haste.onnx"
     with pytest.raises(InputError, match="nothing is written") as error:
         convert(EXAMPLE, out, only_faster=True)
@@ -189,8 +249,8 @@ def test_timing_with_threads_does_not_spin(monkeypatch):
 
     for threads, expected in [(2, "0"), (1, "default")]:
         made.clear()
-        speed.model_time_ratio(original, converted, feeds, repeats=1, threads=threads)
-        speed.layer_time_ratios(converted, feeds, repeats=1, threads=threads)
+        speed.time_model(original, converted, feeds, rounds=1, threads=threads)
+        speed.time_layers(converted, feeds, rounds=1, threads=threads)
         timed = [o for o in made if o.intra_op_num_threads == threads]
         assert len(timed) == 2 + 2 * 4  # both models, then both sides of the four layers
         assert {spinning(o) for o in timed} == {expected}
@@ -201,16 +261,16 @@ def test_only_faster_times_both_sides_with_the_threads_asked_for(tmp_path, monke
 
     def fake_ratios(model, feeds, threads=1, **kwargs):
         seen.append(("layers", threads))
-        return dict.fromkeys(haste_outputs(model), 0.5)
+        return dict.fromkeys(haste_outputs(model), timing(0.5))
 
     def fake_model_ratio(original, converted, feeds, threads=1, **kwargs):
         seen.append(("model", threads))
-        return 0.9
+        return timing(0.9)
 
-    monkeypatch.setattr(speed, "layer_time_ratios", fake_ratios)
-    monkeypatch.setattr(speed, "model_time_ratio", fake_model_ratio)
+    monkeypatch.setattr(speed, "time_layers", fake_ratios)
+    monkeypatch.setattr(speed, "time_model", fake_model_ratio)
     result = convert(EXAMPLE, tmp_path / "example.haste.onnx", only_faster=True, threads=2)
-    assert result.time_ratio == 0.9
+    assert result.timing == timing(0.9)
     assert seen == [("layers", 2), ("model", 2)]
 
 
