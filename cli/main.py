@@ -427,6 +427,11 @@ def convert(
             EXIT_FIDELITY,
         )
     console.echo(click.style(f"wrote {', '.join(map(str, result.written))}", fg="green"))
+    if not only_faster:
+        console.echo(
+            "note: fewer FLOPs is not less time - on a CPU many HasteConv layers run slower than "
+            "onnxruntime's Conv; --only-faster keeps only those that are faster on this machine"
+        )
 
 
 @main.command()

@@ -34,6 +34,9 @@ def test_convert_prints_report_and_writes_next_to_the_model(example, tmp_path):
     for text in ("layer1", "block.conv2", "stride [2, 2] (downsampling)", "cosine", "fewer"):
         assert text in proc.stdout
     assert "Traceback" not in proc.stderr
+    # FLOPs saved are not time saved: the last line says so, and where to look
+    assert "fewer FLOPs is not less time" in proc.stdout.splitlines()[-1]
+    assert "--only-faster" in proc.stdout.splitlines()[-1]
 
 
 def test_json_to_stdout_is_the_documented_schema(example, tmp_path):
