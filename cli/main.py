@@ -20,7 +20,7 @@ from haste_onnx.errors import HasteError, InputError
 from haste_onnx.passes.rewrite import HasteOptions
 from haste_onnx.verify import Tolerances, Verification
 
-EXIT_FIDELITY, EXIT_USAGE = 1, 2
+EXIT_FIDELITY, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130  # 130: the shells' code for Ctrl-C
 
 
 def _pairs(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> dict[str, int]:
@@ -215,6 +215,17 @@ class _Console:
             click.echo(click.style(f"· {message}", dim=True), file=sys.stderr)
 
 
+def _start(kw: dict[str, Any], plot: Path | None = None) -> _Console:
+    """The console of a command, once its report files (--json, --plot) are known to be
+    writable and matplotlib to be there for --plot: a bad path fails before any work is done."""
+    if kw["json_path"] is not None and kw["json_path"] != Path("-"):
+        api.check_writable(kw["json_path"], "--json")
+    if plot is not None:
+        api.check_writable(plot, "--plot")
+        report.pyplot()
+    return _Console(kw["quiet"], kw["json_path"])
+
+
 def _write_json(path: Path | None, document: dict[str, object]) -> None:
     if path is None:
         return
@@ -244,6 +255,8 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except (HasteError, ValueError) as exc:
             _fail(str(exc), EXIT_USAGE)
+        except KeyboardInterrupt:  # not click's "Aborted!" and exit 1, which means a failed check
+            _fail("interrupted (no file is left half-written)", EXIT_INTERRUPTED)
 
 
 @click.group(cls=_Group)
@@ -251,7 +264,7 @@ class _Group(click.Group):
 def main() -> None:
     """Make convolutional ONNX models cheaper with HASTE channel merging.
 
-    Exit codes: 0 success, 1 fidelity failure, 2 bad usage or input.
+    Exit codes: 0 success, 1 fidelity failure, 2 bad usage or input, 130 interrupted.
     """
 
 
@@ -383,7 +396,7 @@ def convert(
     """Rewrite eligible Convs of MODEL into HasteConv, verify, and report FLOPs."""
     if threads != 1 and not only_faster:
         raise click.UsageError("--threads applies to --only-faster's timing only")
-    console = _Console(kw["quiet"], kw["json_path"])
+    console = _start(kw, plot)
     result = api.convert(
         model,
         output,
@@ -446,7 +459,7 @@ def convert(
 @_output_options
 def verify(original: Path, converted: Path, plot: Path | None, **kw: Any) -> None:
     """Check CONVERTED (made earlier) against ORIGINAL and report its FLOPs."""
-    console = _Console(kw["quiet"], kw["json_path"])
+    console = _start(kw, plot)
     result = api.verify_pair(
         original, converted, _verify_options(kw), _tolerances(kw), progress=console.progress
     )
@@ -471,7 +484,7 @@ def verify(original: Path, converted: Path, plot: Path | None, **kw: Any) -> Non
 @_output_options
 def inspect(model: Path, **kw: Any) -> None:
     """List every Conv of MODEL, whether HASTE would convert it and why, and baseline FLOPs."""
-    console = _Console(kw["quiet"], kw["json_path"])
+    console = _start(kw)
     result = api.inspect(model, _options(kw), _verify_options(kw))
     flops = {s.name: s.flops for s in result.flops.skipped}
     for d in result.decisions:
@@ -587,7 +600,7 @@ def evaluate(
     **kw: Any,
 ) -> None:
     """Top-1 accuracy and FLOPs reduction of MODEL over a sweep of L (paper Table 4)."""
-    console = _Console(kw["quiet"], kw["json_path"])
+    console = _start(kw, plot)
     if data in DATA_SETS:
         title, loader = DATA_SETS[data]
         images, labels = loader()

@@ -381,12 +381,7 @@ def table(ev: Evaluation) -> str:
 
 def plot(ev: Evaluation, path: str) -> None:
     """Top-1 accuracy against FLOPs reduction, one point per L with seed std (paper Fig. 3b)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, ax = report.pyplot().subplots(figsize=(6, 4.2))
     red = [100 * row.reduction[0] for row in ev.rows]
     acc = [100 * row.accuracy[0] for row in ev.rows]
     ax.errorbar(
@@ -408,5 +403,4 @@ def plot(ev: Evaluation, path: str) -> None:
     ax.set_title(ev.data, fontsize=9)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    report.save_figure(fig, path)

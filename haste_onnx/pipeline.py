@@ -62,13 +62,19 @@ def check_output_path(source: Path, output: Path) -> None:
     """Refuse outputs that would overwrite the input or land where nothing can be written."""
     if output.resolve() == source.resolve():
         raise InputError(f"output path is the input model: {output}; choose another --output")
-    if output.is_dir():
-        raise InputError(f"output path is a directory: {output}")
-    directory = output.parent
+    check_writable(output)
+
+
+def check_writable(path: Path, what: str = "output") -> None:
+    """Refuse a file path (``what``: the option it comes from) that is a directory, or whose
+    directory is missing or read-only: checked before any work, not found out after it."""
+    if path.is_dir():
+        raise InputError(f"{what} path is a directory: {path}")
+    directory = path.parent
     if not directory.is_dir():
-        raise InputError(f"output directory does not exist: {directory}")
+        raise InputError(f"{what} directory does not exist: {directory}")
     if not os.access(directory, os.W_OK):
-        raise InputError(f"output directory is not writable: {directory}")
+        raise InputError(f"{what} directory is not writable: {directory}")
 
 
 def make_feeds(model: onnx.ModelProto, options: VerifyOptions) -> inputs.Feeds:

@@ -11,6 +11,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import onnx
 
@@ -240,8 +241,8 @@ def table(report: FlopsReport) -> str:
     return "\n".join(lines)
 
 
-def plot(report: FlopsReport, path: str | Path) -> None:
-    """Per-layer compression ratio and FLOPs, baseline vs HASTE, as a PNG (needs matplotlib)."""
+def pyplot() -> Any:
+    """matplotlib.pyplot, drawing off screen; InputError if matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -249,6 +250,26 @@ def plot(report: FlopsReport, path: str | Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise InputError("--plot needs matplotlib: pip install 'haste-onnx[plot]'") from None
+    return plt
+
+
+def save_figure(figure: Any, path: str | Path) -> None:
+    """Write ``figure`` to ``path`` as a PNG, whole or not at all, and close it."""
+    path = Path(path)
+    staged = path.with_name(f".{path.name}.tmp.png")
+    try:
+        figure.savefig(staged, dpi=110)
+        staged.replace(path)
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        pyplot().close(figure)
+        staged.unlink(missing_ok=True)
+
+
+def plot(report: FlopsReport, path: str | Path) -> None:
+    """Per-layer compression ratio and FLOPs, baseline vs HASTE, as a PNG (needs matplotlib)."""
+    plt = pyplot()
     names = [layer.name for layer in report.layers]
     x = range(len(names))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.5 * len(names) + 3), 7), sharex=True)
@@ -272,7 +293,4 @@ def plot(report: FlopsReport, path: str | Path) -> None:
     bottom.set_xticks(list(x), names, rotation=60, ha="right", fontsize=8)
     bottom.legend()
     fig.tight_layout()
-    tmp = Path(path).with_name(Path(path).name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)

@@ -3,6 +3,7 @@
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import graphs
@@ -11,6 +12,8 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from haste_onnx.cli.main import main
+
+from haste_onnx import pipeline
 
 EXAMPLE = Path(__file__).parent.parent / "models" / "example.onnx"
 
@@ -144,6 +147,14 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
             [tmp_path / "ok.onnx", "-o", "/proc/haste.onnx"],
             "cannot write /proc/haste.onnx",
         ),
+        "missing json dir": (
+            [tmp_path / "ok.onnx", "--json", tmp_path / "no" / "r.json"],
+            "--json directory does not exist",
+        ),
+        "missing plot dir": (
+            [tmp_path / "ok.onnx", "--plot", tmp_path / "no" / "p.png"],
+            "--plot directory does not exist",
+        ),
         "bad L": ([tmp_path / "ok.onnx", "-L", "64"], "64"),
         "bad s": ([tmp_path / "ok.onnx", "-s", "1.5"], "outside [0, 1)"),
         "unknown layer": ([tmp_path / "ok.onnx", "--exclude", "nope"], "no Conv named nope"),
@@ -166,6 +177,8 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
         "output is input",
         "missing output dir",
         "unwritable output",
+        "missing json dir",
+        "missing plot dir",
         "bad L",
         "bad s",
         "unknown layer",
@@ -201,3 +214,19 @@ def test_image_folder_inputs_are_resized_and_scaled(example, tmp_path):
     assert code == 0, err
     doc = json.loads(out)
     assert doc["inputs"] == f"user inputs from {folder}: input [3, 3, 32, 32]"
+
+
+def test_plot_without_matplotlib_fails_before_any_work(example, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
+    code, out, err = run("convert", example, "--plot", tmp_path / "p.png")
+    assert code == 2 and "--plot needs matplotlib" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["example.onnx"]
+
+
+def test_interrupt_exits_130_with_one_line(example, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "convert", interrupted)
+    code, out, err = run("convert", example)
+    assert code == 130 and err.strip() == "error: interrupted (no file is left half-written)"
