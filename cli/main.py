@@ -81,7 +81,7 @@ _plane_options = _stack(
     ),
     click.option(
         "--seed",
-        type=int,
+        type=click.IntRange(0),
         default=0,
         show_default=True,
         help="Seed of the hyperplanes and of the random verification inputs.",
@@ -451,7 +451,11 @@ def convert(
 @click.argument("original", type=click.Path(path_type=Path))
 @click.argument("converted", type=click.Path(path_type=Path))
 @click.option(
-    "--seed", type=int, default=0, show_default=True, help="Seed of the random verification inputs."
+    "--seed",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Seed of the random verification inputs.",
 )
 @_plot_option
 @_input_options

@@ -26,6 +26,18 @@ def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in initializers]
 
 
+def check_dims(model: onnx.ModelProto, dims: Mapping[str, int]) -> None:
+    """Refuse a --dim NAME that no graph input has: a misspelt name would go unnoticed."""
+    named = {d.dim_param for i in _graph_inputs(model) for d in i.type.tensor_type.shape.dim}
+    named.discard("")
+    if unknown := sorted(set(dims) - named):
+        have = ", ".join(sorted(named)) or "none"
+        raise InputError(
+            f"--dim {unknown[0]}: no input of the model has a dimension named {unknown[0]!r} "
+            f"(its named dimensions: {have})"
+        )
+
+
 def resolve_shape(
     value: onnx.ValueInfoProto, batch: int, dims: Mapping[str, int]
 ) -> tuple[int, ...]:

@@ -78,6 +78,7 @@ def check_writable(path: Path, what: str = "output") -> None:
 
 
 def make_feeds(model: onnx.ModelProto, options: VerifyOptions) -> inputs.Feeds:
+    inputs.check_dims(model, options.dims)
     if options.inputs is not None:
         return inputs.user_feeds(model, options.inputs, options.dims)
     return inputs.random_feeds(model, options.batch, options.dims, options.seed)
