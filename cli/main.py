@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 import numpy as np
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from haste_onnx import datasets, ir, report
 from haste_onnx import evaluate as evaluation
@@ -247,6 +248,14 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+# What onnxruntime raises when it cannot load or run a model (its errors derive from Exception).
+_ORT_ERRORS = tuple(
+    error
+    for error in vars(ort_state).values()
+    if isinstance(error, type) and issubclass(error, Exception)
+)
+
+
 class _Group(click.Group):
     """Turns every expected error into one line and exit code 2."""
 
@@ -255,6 +264,8 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except (HasteError, ValueError) as exc:
             _fail(str(exc), EXIT_USAGE)
+        except _ORT_ERRORS as exc:  # a model or an input that onnxruntime refuses
+            _fail(f"onnxruntime: {str(exc).strip()}", EXIT_USAGE)
         except KeyboardInterrupt:  # not click's "Aborted!" and exit 1, which means a failed check
             _fail("interrupted (no file is left half-written)", EXIT_INTERRUPTED)
 

@@ -88,6 +88,23 @@ def _load_images(folder: Path, shape: tuple[int, ...]) -> np.ndarray:
     return datasets.read_images(files, mode, (shape[3], shape[2])).astype(np.float32) / 255.0
 
 
+def _as_input(value: onnx.ValueInfoProto, array: np.ndarray) -> np.ndarray:
+    """``array`` in the input's element type (floats convert to floats, nothing else converts),
+    refused if it is empty or, for floats, not finite."""
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+    if array.dtype != dtype:
+        if not (array.dtype.kind == dtype.kind == "f"):
+            raise InputError(
+                f"input {value.name!r}: array of {array.dtype}, the model takes {dtype}"
+            )
+        array = array.astype(dtype)
+    if array.size == 0:
+        raise InputError(f"input {value.name!r}: array of shape {list(array.shape)} is empty")
+    if dtype.kind == "f" and not np.isfinite(array).all():
+        raise InputError(f"input {value.name!r}: array has NaN or infinite values")
+    return array
+
+
 def user_feeds(
     model: onnx.ModelProto, path: str | Path, dims: Mapping[str, int] | None = None
 ) -> Feeds:
@@ -118,9 +135,7 @@ def user_feeds(
     else:
         raise InputError(f"inputs must be a .npy or .npz file or an image folder, got {path}")
     for value in inputs:
-        array = arrays[value.name]
-        if array.dtype == np.float64:
-            arrays[value.name] = array = array.astype(np.float32)
+        arrays[value.name] = array = _as_input(value, arrays[value.name])
         expected = value.type.tensor_type.shape.dim
         if array.ndim != len(expected) or any(
             d.HasField("dim_value") and d.dim_value != s for d, s in zip(expected, array.shape)

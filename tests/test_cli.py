@@ -129,6 +129,9 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
     onnx.save(graphs.no_conv(), tmp_path / "noconv.onnx")
     onnx.save(graphs.runtime_weight(), tmp_path / "dynamic.onnx")
     shutil.copy(EXAMPLE, tmp_path / "ok.onnx")
+    np.save(tmp_path / "int.npy", np.zeros((1, 3, 32, 32), np.int64))
+    np.save(tmp_path / "nan.npy", np.full((1, 3, 32, 32), np.nan, np.float32))
+    np.save(tmp_path / "empty.npy", np.zeros((0, 3, 32, 32), np.float32))
     return {
         "missing file": ([tmp_path / "nope.onnx"], "model file not found"),
         "not onnx": ([tmp_path / "text.onnx"], "not a readable ONNX model"),
@@ -157,6 +160,9 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
         ),
         "unknown dim": ([tmp_path / "ok.onnx", "--dim", "btach=4"], "no input of the model"),
         "negative seed": ([tmp_path / "ok.onnx", "--seed", "-1"], "'--seed': -1 is not in"),
+        "int inputs": ([tmp_path / "ok.onnx", "--inputs", tmp_path / "int.npy"], "of int64"),
+        "nan inputs": ([tmp_path / "ok.onnx", "--inputs", tmp_path / "nan.npy"], "NaN"),
+        "empty inputs": ([tmp_path / "ok.onnx", "--inputs", tmp_path / "empty.npy"], "is empty"),
         "bad L": ([tmp_path / "ok.onnx", "-L", "64"], "64"),
         "bad s": ([tmp_path / "ok.onnx", "-s", "1.5"], "outside [0, 1)"),
         "unknown layer": ([tmp_path / "ok.onnx", "--exclude", "nope"], "no Conv named nope"),
@@ -183,6 +189,9 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
         "missing plot dir",
         "unknown dim",
         "negative seed",
+        "int inputs",
+        "nan inputs",
+        "empty inputs",
         "bad L",
         "bad s",
         "unknown layer",
@@ -234,3 +243,16 @@ def test_interrupt_exits_130_with_one_line(example, monkeypatch):
     monkeypatch.setattr(pipeline, "convert", interrupted)
     code, out, err = run("convert", example)
     assert code == 130 and err.strip() == "error: interrupted (no file is left half-written)"
+
+
+def test_onnxruntime_errors_give_one_line_and_exit_2(example, monkeypatch):
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+    def refused(*args, **kwargs):
+        raise InvalidArgument("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Unexpected input")
+
+    monkeypatch.setattr(pipeline, "convert", refused)
+    code, out, err = run("convert", example)
+    assert code == 2
+    message = "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Unexpected input"
+    assert err.strip() == f"error: onnxruntime: {message}"
