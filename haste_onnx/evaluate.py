@@ -22,7 +22,7 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 from haste_onnx import ir, opdef, report, runtime
-from haste_onnx.hashing import bucket_labels, center, hash_codes
+from haste_onnx.hashing import bucket_labels, center, check_num_planes, hash_codes
 from haste_onnx.passes.rewrite import HasteOptions, LayerPlan, decide, rewrite
 from haste_onnx.reference.haste_conv import assemble, extract_patches, geometry, hash_stats
 from haste_onnx.verify import LayerRun
@@ -287,6 +287,8 @@ def evaluate(
     each L on the first ``ablation_images`` images."""
     say = progress or (lambda _: None)
     options = options or HasteOptions()
+    for num_planes in planes:  # before the sweep, not when it reaches a bad L
+        check_num_planes(num_planes)
     name = _single_input(model)
     say("baseline")
     session = runtime.quiet_session(model, custom_ops=False, threads=threads)

@@ -67,3 +67,11 @@ def test_random_grouping_keeps_bucket_sizes():
         haste_conv(x, w, few, b, pads=(1, 1, 1, 1), relu=True),
         atol=1e-3,
     )
+
+
+def test_a_bad_l_fails_before_the_sweep_starts(fashion):
+    model, images, labels = fashion
+    said = []
+    with pytest.raises(ValueError, match="99 is out of range"):
+        evaluate(model, images[:4], labels[:4], "fashion", planes=(8, 99), progress=said.append)
+    assert said == []  # not even the baseline ran
