@@ -92,11 +92,23 @@ def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(logits.argmax(axis=1) == labels))
 
 
-def _single_input(model: onnx.ModelProto) -> str:
-    names = [i.name for i in model.graph.input if i.name not in ir.initializers(model.graph)]
-    if len(names) != 1:
+def _single_input(model: onnx.ModelProto, images: np.ndarray) -> str:
+    """The name of the model's only input, once ``images`` are known to fit its fixed sizes."""
+    inputs = [i for i in model.graph.input if i.name not in ir.initializers(model.graph)]
+    if len(inputs) != 1:
+        names = [i.name for i in inputs]
         raise ValueError(f"evaluation needs a one-input classifier, the model has inputs {names}")
-    return names[0]
+    dims = inputs[0].type.tensor_type.shape.dim
+    want = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    if len(want) != images.ndim or any(
+        w not in (None, s) for w, s in zip(want[1:], images.shape[1:])
+    ):
+        shown = ["?" if w is None else w for w in want]
+        raise ValueError(
+            f"the images are {list(images.shape)}, the model's input {inputs[0].name!r} takes "
+            f"{shown}"
+        )
+    return inputs[0].name
 
 
 def _batches(n: int, size: int) -> list[slice]:
@@ -123,7 +135,7 @@ def measure(
     threads: int | None = None,
 ) -> Run:
     """Convert with ``options`` and measure top-1 accuracy and FLOPs on ``images``."""
-    name = _single_input(original)
+    name = _single_input(original, images)
     converted, decisions, plans = rewrite(original, options)
     logits_name = converted.graph.output[0].name
     probe = ir.with_outputs(converted, [plan.input for plan in plans])
@@ -250,7 +262,7 @@ def ablation(
     threads: int | None = None,
 ) -> Ablation:
     """Accuracy of LSH and of random grouping at the same bucket sizes, on ``images``."""
-    name = _single_input(original)
+    name = _single_input(original, images)
     converted, _, _ = rewrite(original, options)
     session = runtime.quiet_session(converted, threads=threads)
     lsh = _run(session, name, images, batch)
@@ -289,7 +301,7 @@ def evaluate(
     options = options or HasteOptions()
     for num_planes in planes:  # before the sweep, not when it reaches a bad L
         check_num_planes(num_planes)
-    name = _single_input(model)
+    name = _single_input(model, images)
     say("baseline")
     session = runtime.quiet_session(model, custom_ops=False, threads=threads)
     logits = np.concatenate([r[0] for r in _run(session, name, images, 250)])

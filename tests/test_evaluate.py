@@ -75,3 +75,9 @@ def test_a_bad_l_fails_before_the_sweep_starts(fashion):
     with pytest.raises(ValueError, match="99 is out of range"):
         evaluate(model, images[:4], labels[:4], "fashion", planes=(8, 99), progress=said.append)
     assert said == []  # not even the baseline ran
+
+
+def test_images_that_do_not_fit_the_model_fail_before_the_sweep(fashion):
+    model, images, labels = fashion
+    with pytest.raises(ValueError, match=r"the images are \[4, 1, 14, 14\], the model's input"):
+        evaluate(model, images[:4, :, ::2, ::2], labels[:4], "fashion", planes=(8,))
