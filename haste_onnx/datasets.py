@@ -279,16 +279,19 @@ def read_images(
         raise ImportError("reading an image folder needs Pillow: pip install pillow") from e
     arrays = []
     for p in paths:
-        with Image.open(p) as im:
-            if mode is not None:
-                im = im.convert(mode)
-            elif im.mode not in ("L", "RGB"):
-                im = im.convert("RGBA" if im.mode in ("LA", "PA") else "RGB")
-                if im.mode == "RGBA":
-                    im = im.convert("RGB")
-            if size is not None:
-                im = im.resize(size, Image.Resampling.BILINEAR)
-            a = np.asarray(im)
+        try:
+            with Image.open(p) as im:
+                if mode is not None:
+                    im = im.convert(mode)
+                elif im.mode not in ("L", "RGB"):
+                    im = im.convert("RGBA" if im.mode in ("LA", "PA") else "RGB")
+                    if im.mode == "RGBA":
+                        im = im.convert("RGB")
+                if size is not None:
+                    im = im.resize(size, Image.Resampling.BILINEAR)
+                a = np.asarray(im)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:  # not an image, or bad
+            raise ValueError(f"cannot read image {p}: {exc}") from None
         if a.ndim == 2:
             a = a[:, :, None]
         arrays.append(a)

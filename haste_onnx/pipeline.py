@@ -188,6 +188,14 @@ class PairResult:
         return self.verification.passed
 
 
+def _signature(model: onnx.ModelProto) -> str:
+    """The graph's inputs and outputs, each by name, element type and shape: what a conversion
+    keeps."""
+    graph, printable = model.graph, onnx.helper.printable_value_info
+    inputs = [printable(v) for v in graph.input if v.name not in ir.initializers(graph)]
+    return f"{', '.join(inputs)} -> {', '.join(printable(v) for v in graph.output)}"
+
+
 def verify_pair(
     original_path: str | Path,
     converted_path: str | Path,
@@ -200,6 +208,11 @@ def verify_pair(
     plans = plans_of(converted)
     if not plans:
         raise InputError(f"{converted_path} has no HasteConv node: it is not a converted model")
+    if _signature(converted) != _signature(original):
+        raise InputError(
+            f"{converted_path} is not a conversion of {original_path}: their graph inputs or "
+            f"outputs differ ({_signature(converted)}, against {_signature(original)})"
+        )
     feeds = make_feeds(original, verify_options or VerifyOptions())
     verification = verify(
         original,

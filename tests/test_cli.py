@@ -104,6 +104,9 @@ def test_verify_checks_an_existing_pair(example, tmp_path):
     assert json.loads(out)["passed"] is True
     code, _, err = run("verify", example, example)
     assert code == 2 and "no HasteConv node" in err
+    other = EXAMPLE.parent / "fashion" / "vgg_fashion.onnx"  # another model: [N, 1, 28, 28] in
+    code, _, err = run("verify", other, tmp_path / "example.haste.onnx")
+    assert code == 2 and "is not a conversion of" in err and "Nx1x28x28" in err
 
 
 def test_user_inputs_npz_and_dynamic_dims(tmp_path):
@@ -132,6 +135,8 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
     np.save(tmp_path / "int.npy", np.zeros((1, 3, 32, 32), np.int64))
     np.save(tmp_path / "nan.npy", np.full((1, 3, 32, 32), np.nan, np.float32))
     np.save(tmp_path / "empty.npy", np.zeros((0, 3, 32, 32), np.float32))
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_text("not a PNG")
     return {
         "missing file": ([tmp_path / "nope.onnx"], "model file not found"),
         "not onnx": ([tmp_path / "text.onnx"], "not a readable ONNX model"),
@@ -163,6 +168,10 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
         "int inputs": ([tmp_path / "ok.onnx", "--inputs", tmp_path / "int.npy"], "of int64"),
         "nan inputs": ([tmp_path / "ok.onnx", "--inputs", tmp_path / "nan.npy"], "NaN"),
         "empty inputs": ([tmp_path / "ok.onnx", "--inputs", tmp_path / "empty.npy"], "is empty"),
+        "corrupt image": (
+            [tmp_path / "ok.onnx", "--inputs", tmp_path / "images"],
+            "cannot read image",
+        ),
         "bad L": ([tmp_path / "ok.onnx", "-L", "64"], "64"),
         "bad s": ([tmp_path / "ok.onnx", "-s", "1.5"], "outside [0, 1)"),
         "unknown layer": ([tmp_path / "ok.onnx", "--exclude", "nope"], "no Conv named nope"),
@@ -192,6 +201,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
         "int inputs",
         "nan inputs",
         "empty inputs",
+        "corrupt image",
         "bad L",
         "bad s",
         "unknown layer",
