@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import functools
 import os
 import shutil
 import tempfile
@@ -39,7 +40,39 @@ def load(path: str | os.PathLike[str]) -> onnx.ModelProto:
         onnx.checker.check_model(model)
     except Exception as exc:
         raise InputError(f"{path} does not pass onnx.checker: {exc}") from None
+    if model.ir_version > max_ir_version():
+        import onnxruntime
+
+        raise InputError(
+            f"{path} has IR version {model.ir_version}, and onnxruntime {onnxruntime.__version__} "
+            f"reads up to {max_ir_version()}: export it with ir_version {max_ir_version()} or "
+            "lower (a newer onnx package stamps its own IR version on the models it makes)"
+        )
     return model
+
+
+@functools.cache
+def max_ir_version() -> int:
+    """The newest IR version the installed onnxruntime loads: tried on a one-node model, from
+    the newest this onnx package knows down (onnxruntime has no call that tells it)."""
+    import onnxruntime
+
+    tensor = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1]) for n in "xy"]
+    node = onnx.helper.make_node("Identity", ["x"], ["y"])
+    graph = onnx.helper.make_graph([node], "probe", tensor[:1], tensor[1:])
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 4  # a refused version is expected here: no log line
+    for version in range(onnx.IR_VERSION, 3, -1):
+        probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+        probe.ir_version = version
+        try:
+            onnxruntime.InferenceSession(
+                probe.SerializeToString(), options, ["CPUExecutionProvider"]
+            )
+        except Exception:  # onnxruntime's own exception types, whatever the version
+            continue
+        return version
+    return 3
 
 
 def uses_external_data(path: str | os.PathLike[str]) -> bool:

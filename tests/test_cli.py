@@ -266,3 +266,17 @@ def test_onnxruntime_errors_give_one_line_and_exit_2(example, monkeypatch):
     assert code == 2
     message = "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Unexpected input"
     assert err.strip() == f"error: onnxruntime: {message}"
+
+
+def test_a_model_newer_than_onnxruntime_reads_is_refused_with_what_to_do(tmp_path):
+    from haste_onnx import ir
+
+    if ir.max_ir_version() >= onnx.IR_VERSION:
+        pytest.skip("this onnxruntime reads every IR version this onnx package writes")
+    model = onnx.load(EXAMPLE)
+    model.ir_version = ir.max_ir_version() + 1
+    onnx.save(model, tmp_path / "new.onnx")
+    code, out, err = run("convert", tmp_path / "new.onnx")
+    assert code == 2
+    assert f"reads up to {ir.max_ir_version()}: export it with ir_version" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.onnx"]
