@@ -268,15 +268,28 @@ def test_onnxruntime_errors_give_one_line_and_exit_2(example, monkeypatch):
     assert err.strip() == f"error: onnxruntime: {message}"
 
 
-def test_a_model_newer_than_onnxruntime_reads_is_refused_with_what_to_do(tmp_path):
+def test_a_model_newer_than_onnxruntime_reads_is_refused_with_what_to_do(tmp_path, monkeypatch):
     from haste_onnx import ir
 
-    if ir.max_ir_version() >= onnx.IR_VERSION:
-        pytest.skip("this onnxruntime reads every IR version this onnx package writes")
+    monkeypatch.setattr(ir, "max_ir_version", lambda: 9)  # as if onnxruntime read up to 9
     model = onnx.load(EXAMPLE)
-    model.ir_version = ir.max_ir_version() + 1
+    model.ir_version = 10
     onnx.save(model, tmp_path / "new.onnx")
     code, out, err = run("convert", tmp_path / "new.onnx")
     assert code == 2
-    assert f"reads up to {ir.max_ir_version()}: export it with ir_version" in err
+    assert "has IR version 10, and onnxruntime" in err
+    assert "reads up to 9: export it with ir_version 9 or lower" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.onnx"]
+
+
+def test_max_ir_version_is_the_newest_onnxruntime_loads():
+    from haste_onnx import ir
+    from haste_onnx.runtime import quiet_session
+
+    model = onnx.load(EXAMPLE)
+    model.ir_version = ir.max_ir_version()
+    quiet_session(model, custom_ops=False)  # loads
+    if ir.max_ir_version() < onnx.IR_VERSION:
+        model.ir_version += 1
+        with pytest.raises(Exception, match="IR version"):
+            quiet_session(model, custom_ops=False)
