@@ -211,6 +211,11 @@ def _human(value: float) -> str:
     return f"{value:.0f}"
 
 
+def _fewer(reduction: float) -> str:
+    """A reduction in words: '40.5% fewer', or '12.9% more' when the overheads outweigh it."""
+    return f"{reduction:.1%} fewer" if reduction >= 0 else f"{-reduction:.1%} more"
+
+
 def table(report: FlopsReport) -> str:
     """A fixed-width text table of the report, for terminals."""
     header = (
@@ -234,7 +239,7 @@ def table(report: FlopsReport) -> str:
         f"converted layers: {_human(report.converted_baseline)} -> "
         f"{_human(report.converted_haste)} FLOPs; whole model (Conv, Gemm, MatMul): "
         f"{_human(report.baseline_total)} -> {_human(report.haste_total)} "
-        f"({report.reduction:.1%} fewer), mean r {report.mean_ratio:.1%}"
+        f"({_fewer(report.reduction)}), mean r {report.mean_ratio:.1%}"
     )
     if report.uncounted:
         lines.append(f"not counted (unknown shapes): {', '.join(report.uncounted)}")
@@ -275,7 +280,7 @@ def plot(report: FlopsReport, path: str | Path) -> None:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.5 * len(names) + 3), 7), sharex=True)
     top.bar(x, [100 * layer.ratio for layer in report.layers], color="tab:blue")
     top.set_ylabel("compression ratio r (%)")
-    top.set_title(f"HASTE per layer: {report.reduction:.1%} fewer FLOPs in total")
+    top.set_title(f"HASTE per layer: {_fewer(report.reduction)} FLOPs in total")
     width = 0.4
     bottom.bar(
         [i - width / 2 for i in x],

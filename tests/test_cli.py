@@ -293,3 +293,11 @@ def test_max_ir_version_is_the_newest_onnxruntime_loads():
         model.ir_version += 1
         with pytest.raises(Exception, match="IR version"):
             quiet_session(model, custom_ops=False)
+
+
+def test_more_flops_are_called_more(example):
+    """With L = 63 almost no channel merges, and the hashing costs more than merging saves."""
+    code, out, err = run("convert", example, "-L", "63")
+    assert code == 0, err
+    (total,) = [line for line in out.splitlines() if line.startswith("converted layers:")]
+    assert "% more)" in total and "fewer" not in total
