@@ -94,7 +94,7 @@ def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def _single_input(model: onnx.ModelProto, images: np.ndarray) -> str:
     """The name of the model's only input, once ``images`` are known to fit its fixed sizes."""
-    inputs = [i for i in model.graph.input if i.name not in ir.initializers(model.graph)]
+    inputs = ir.graph_inputs(model)
     if len(inputs) != 1:
         names = [i.name for i in inputs]
         raise ValueError(f"evaluation needs a one-input classifier, the model has inputs {names}")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from haste_onnx import datasets
+from haste_onnx import datasets, ir
 from haste_onnx.errors import InputError
 
 
@@ -21,14 +21,9 @@ class Feeds:
     description: str
 
 
-def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    initializers = {t.name for t in model.graph.initializer}
-    return [i for i in model.graph.input if i.name not in initializers]
-
-
 def check_dims(model: onnx.ModelProto, dims: Mapping[str, int]) -> None:
     """Refuse a --dim NAME that no graph input has: a misspelt name would go unnoticed."""
-    named = {d.dim_param for i in _graph_inputs(model) for d in i.type.tensor_type.shape.dim}
+    named = {d.dim_param for i in ir.graph_inputs(model) for d in i.type.tensor_type.shape.dim}
     named.discard("")
     if unknown := sorted(set(dims) - named):
         have = ", ".join(sorted(named)) or "none"
@@ -65,7 +60,7 @@ def random_feeds(
     """Standard-normal float32 tensors for every graph input, from a seeded generator."""
     rng = np.random.default_rng(seed)
     arrays, shapes = {}, []
-    for value in _graph_inputs(model):
+    for value in ir.graph_inputs(model):
         if value.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
             raise InputError(
                 f"input {value.name!r} is not float32; give your own inputs (--inputs)"
@@ -111,7 +106,7 @@ def user_feeds(
     """Inputs from a .npy (one-input models), a .npz (keys are input names) or an image folder
     (pixels scaled to [0, 1], resized to the input's height and width)."""
     path = Path(path)
-    inputs = _graph_inputs(model)
+    inputs = ir.graph_inputs(model)
     names = [i.name for i in inputs]
     if not path.exists():
         raise InputError(f"inputs not found: {path}")

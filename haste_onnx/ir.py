@@ -152,6 +152,12 @@ def initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     return {t.name: t for t in graph.initializer}
 
 
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The inputs a caller feeds: the graph's inputs that are not initializers."""
+    constants = initializers(model.graph)
+    return [i for i in model.graph.input if i.name not in constants]
+
+
 def constant_value(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
     """The value of ``name`` when it is an initializer or the output of a Constant node."""
     for t in graph.initializer:

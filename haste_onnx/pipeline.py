@@ -191,9 +191,9 @@ class PairResult:
 def _signature(model: onnx.ModelProto) -> str:
     """The graph's inputs and outputs, each by name, element type and shape: what a conversion
     keeps."""
-    graph, printable = model.graph, onnx.helper.printable_value_info
-    inputs = [printable(v) for v in graph.input if v.name not in ir.initializers(graph)]
-    return f"{', '.join(inputs)} -> {', '.join(printable(v) for v in graph.output)}"
+    printable = onnx.helper.printable_value_info
+    inputs = ", ".join(printable(v) for v in ir.graph_inputs(model))
+    return f"{inputs} -> {', '.join(printable(v) for v in model.graph.output)}"
 
 
 def verify_pair(
