@@ -23,6 +23,7 @@ from onnx.reference.op_run import OpRun
 
 from haste_onnx import ir, opdef, report, runtime
 from haste_onnx.hashing import bucket_labels, center, check_num_planes, hash_codes
+from haste_onnx.inputs import declared_shape, fits
 from haste_onnx.passes.rewrite import HasteOptions, LayerPlan, decide, rewrite
 from haste_onnx.reference.haste_conv import assemble, extract_patches, geometry, hash_stats
 from haste_onnx.verify import LayerRun
@@ -98,15 +99,10 @@ def _single_input(model: onnx.ModelProto, images: np.ndarray) -> str:
     if len(inputs) != 1:
         names = [i.name for i in inputs]
         raise ValueError(f"evaluation needs a one-input classifier, the model has inputs {names}")
-    dims = inputs[0].type.tensor_type.shape.dim
-    want = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-    if len(want) != images.ndim or any(
-        w not in (None, s) for w, s in zip(want[1:], images.shape[1:])
-    ):
-        shown = ["?" if w is None else w for w in want]
+    if not fits(inputs[0], images.shape, first_axis=1):  # any batch: the images go in batches
         raise ValueError(
             f"the images are {list(images.shape)}, the model's input {inputs[0].name!r} takes "
-            f"{shown}"
+            f"{declared_shape(inputs[0])}"
         )
     return inputs[0].name
 

@@ -33,6 +33,22 @@ def check_dims(model: onnx.ModelProto, dims: Mapping[str, int]) -> None:
         )
 
 
+def declared_shape(value: onnx.ValueInfoProto) -> list[int | str]:
+    """The input's shape as the model declares it: sizes, dimension names, or "?"."""
+    dims = value.type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else d.dim_param or "?" for d in dims]
+
+
+def fits(value: onnx.ValueInfoProto, shape: tuple[int, ...], first_axis: int = 0) -> bool:
+    """Whether an array of ``shape`` has the input's rank and its fixed sizes (from axis
+    ``first_axis`` on)."""
+    dims = value.type.tensor_type.shape.dim
+    return len(shape) == len(dims) and all(
+        not d.HasField("dim_value") or d.dim_value == s
+        for d, s in list(zip(dims, shape))[first_axis:]
+    )
+
+
 def resolve_shape(
     value: onnx.ValueInfoProto, batch: int, dims: Mapping[str, int]
 ) -> tuple[int, ...]:
@@ -131,16 +147,10 @@ def user_feeds(
         raise InputError(f"inputs must be a .npy or .npz file or an image folder, got {path}")
     for value in inputs:
         arrays[value.name] = array = _as_input(value, arrays[value.name])
-        expected = value.type.tensor_type.shape.dim
-        if array.ndim != len(expected) or any(
-            d.HasField("dim_value") and d.dim_value != s for d, s in zip(expected, array.shape)
-        ):
-            want = [
-                d.dim_value if d.HasField("dim_value") else d.dim_param or "?" for d in expected
-            ]
+        if not fits(value, array.shape):
             raise InputError(
                 f"input {value.name!r}: array of shape {list(array.shape)} does not "
-                f"fit the model's {want}"
+                f"fit the model's {declared_shape(value)}"
             )
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items())
     return Feeds(arrays, f"user inputs from {path}: {shapes}")
