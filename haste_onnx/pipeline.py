@@ -124,13 +124,14 @@ def convert(
     _require_convs(decisions, source)
     onnx.checker.check_model(ir.session_source(converted))
     feeds = make_feeds(original, verify_options)
-    layer_timings: dict[str, speed.Comparison] = {}
+    time_ratios = None  # each converted layer's, when timed
     model_timing = None
     if only_faster:
         say("timing each converted layer against Conv")
         converted, decisions, plans, layer_timings, model_timing = speed.keep_faster(
             original, options, (converted, decisions, plans), feeds.arrays, say, threads
         )
+        time_ratios = {name: timing.ratio for name, timing in layer_timings.items()}
         if not plans:
             reasons = "; ".join(f"{d.name}: {d.reason}" for d in decisions)
             raise InputError(
@@ -142,13 +143,7 @@ def convert(
     )
     shapes = {k: tuple(v.shape) for k, v in feeds.arrays.items()}
     flops_report = report.build(
-        original,
-        decisions,
-        plans,
-        verification.layers,
-        shapes,
-        feeds.description,
-        {name: timing.ratio for name, timing in layer_timings.items()} if only_faster else None,
+        original, decisions, plans, verification.layers, shapes, feeds.description, time_ratios
     )
     written: list[Path] = []
     if verification.passed or force:
