@@ -200,23 +200,27 @@ struct SparsePlanes {
   int64_t size() const { return static_cast<int64_t>(start.size()) - 1; }
 };
 
-// Hashes every channel of patch [C, D]: code bit l is dot(planes[l], v_c - mean_c v_c) > 0.
-// Everything is in double and each dot product is summed over j in order, the mean summed over
-// channels in order as numpy does, so the codes agree with the reference except for projections
-// within double rounding of zero. Scratch: mean [D], centered [D, kHashBlock].
+// Hashes every channel of patch [C, D]: code bit l is dot(planes[l], v_c - mean_c v_c) > 0,
+// computed as dot(planes[l], C v_c - sum_c v_c), C times the same projection: C v_c is exact in
+// double, and so is the rest wherever the data have few significant bits (small integers,
+// quantized values), where projections that are 0 in exact arithmetic then come out as exact
+// zeros instead of rounding noise. Everything is in double and each dot product is summed over
+// j in order, the sum over channels in order as numpy does, so the codes agree with the
+// reference except for projections within double rounding of zero. Scratch: sum [D], centered
+// [D, kHashBlock].
 // Projections are summed kDoubles lanes at a time; every lane does the same multiplications and
 // additions (never fused) whatever the width, so the codes do not depend on it.
 template <int kDoubles>
 __attribute__((always_inline)) inline void HashPatchWith(const float* patch, int64_t channels,
                                                          int64_t dim, const SparsePlanes& planes,
-                                                         double* mean, double* centered,
+                                                         double* sum, double* centered,
                                                          uint64_t* codes) {
   typedef double Vec __attribute__((vector_size(kDoubles * sizeof(double)), may_alias, aligned(8)));
   typedef int64_t Bits __attribute__((vector_size(kDoubles * sizeof(int64_t))));
   typedef float Quad __attribute__((vector_size(4 * sizeof(float)), may_alias, aligned(4)));
   typedef int32_t Pick __attribute__((vector_size(4 * sizeof(int32_t))));
   typedef double Doubles4 __attribute__((vector_size(4 * sizeof(double)), may_alias, aligned(8)));
-  // The mean, 16 positions at a time summed in registers (each position over c in order).
+  // The sum, 16 positions at a time in registers (each position over c in order).
   int64_t j0 = 0;
   for (; j0 + 16 <= dim; j0 += 16) {
     Doubles4 s0 = {}, s1 = {}, s2 = {}, s3 = {};  // not an array: the compiler spilled one
@@ -226,18 +230,18 @@ __attribute__((always_inline)) inline void HashPatchWith(const float* patch, int
       s2 += __builtin_convertvector(*reinterpret_cast<const Quad*>(v + 8), Doubles4);
       s3 += __builtin_convertvector(*reinterpret_cast<const Quad*>(v + 12), Doubles4);
     }
-    *reinterpret_cast<Doubles4*>(mean + j0) = s0;
-    *reinterpret_cast<Doubles4*>(mean + j0 + 4) = s1;
-    *reinterpret_cast<Doubles4*>(mean + j0 + 8) = s2;
-    *reinterpret_cast<Doubles4*>(mean + j0 + 12) = s3;
+    *reinterpret_cast<Doubles4*>(sum + j0) = s0;
+    *reinterpret_cast<Doubles4*>(sum + j0 + 4) = s1;
+    *reinterpret_cast<Doubles4*>(sum + j0 + 8) = s2;
+    *reinterpret_cast<Doubles4*>(sum + j0 + 12) = s3;
   }
-  std::fill(mean + j0, mean + dim, 0.0);
+  std::fill(sum + j0, sum + dim, 0.0);
   for (int64_t c = 0; c < channels; ++c) {
-    for (int64_t j = j0; j < dim; ++j) mean[j] += patch[c * dim + j];
+    for (int64_t j = j0; j < dim; ++j) sum[j] += patch[c * dim + j];
   }
-  for (int64_t j = 0; j < dim; ++j) mean[j] /= static_cast<double>(channels);
+  const double scale = static_cast<double>(channels);
   // Then block of kHashBlock channels after block, so that the centered block stays in L1:
-  // centered [D, kHashBlock] = the block's patch transposed, minus the mean (4 x 4 blocks of
+  // centered [D, kHashBlock] = C times the block's patch transposed, minus the sum (4 x 4 blocks of
   // channels x positions transposed in registers; the last block of positions overlaps the one
   // before it when 4 does not divide D and writes the same values again; leftover channels one by
   // one, spare lanes zero), then the block's codes.
@@ -263,12 +267,14 @@ __attribute__((always_inline)) inline void HashPatchWith(const float* patch, int
                                 __builtin_shuffle(t1, t3, Pick{2, 3, 6, 7})};
         for (int k = 0; k < 4; ++k) {
           *reinterpret_cast<Doubles4*>(centered + (j + k) * kHashBlock + c) =
-              __builtin_convertvector(column[k], Doubles4) - mean[j + k];
+              __builtin_convertvector(column[k], Doubles4) * scale - sum[j + k];
         }
       }
     }
     for (; c < count; ++c) {
-      for (int64_t j = 0; j < dim; ++j) centered[j * kHashBlock + c] = block[c * dim + j] - mean[j];
+      for (int64_t j = 0; j < dim; ++j) {
+        centered[j * kHashBlock + c] = block[c * dim + j] * scale - sum[j];
+      }
     }
     for (int64_t j = 0; count < kHashBlock && j < dim; ++j) {
       std::fill(centered + j * kHashBlock + count, centered + (j + 1) * kHashBlock, 0.0);
@@ -292,9 +298,9 @@ __attribute__((always_inline)) inline void HashPatchWith(const float* patch, int
 // AVX2 without FMA: four lanes, and no fused multiply-add can change a projection's rounding.
 __attribute__((target("avx2"))) void HashPatchAvx2(const float* patch, int64_t channels,
                                                    int64_t dim, const SparsePlanes& planes,
-                                                   double* mean, double* centered,
+                                                   double* sum, double* centered,
                                                    uint64_t* codes) {
-  HashPatchWith<4>(patch, channels, dim, planes, mean, centered, codes);
+  HashPatchWith<4>(patch, channels, dim, planes, sum, centered, codes);
 }
 #endif
 
@@ -302,11 +308,11 @@ bool HasAvx2();
 
 // Hashes every channel of patch [C, D] (HashPatchWith), four lanes wide on CPUs with AVX2.
 void HashPatch(const float* patch, int64_t channels, int64_t dim, const SparsePlanes& planes,
-               double* mean, double* centered, uint64_t* codes) {
+               double* sum, double* centered, uint64_t* codes) {
 #if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
-  if (HasAvx2()) return HashPatchAvx2(patch, channels, dim, planes, mean, centered, codes);
+  if (HasAvx2()) return HashPatchAvx2(patch, channels, dim, planes, sum, centered, codes);
 #endif
-  HashPatchWith<2>(patch, channels, dim, planes, mean, centered, codes);
+  HashPatchWith<2>(patch, channels, dim, planes, sum, centered, codes);
 }
 
 // Accumulators of the convolution kernel: at most kMaxPixels output pixels of one tile, each one
@@ -883,7 +889,7 @@ void MeanOfPatches(const float* patch, const int32_t* channel, int64_t size, flo
 // Scratch of one thread, reused by its work items so that they do not allocate.
 struct RowScratch {
   std::vector<float> band, patch, merged;
-  std::vector<double> mean, centered;
+  std::vector<double> sum, centered;
   std::vector<uint64_t> codes;
   std::vector<std::pair<uint64_t, int32_t>> slots;  // GroupCodes' table
   std::vector<int32_t> bucket, size, rank;          // per channel, per bucket, per bucket
@@ -901,7 +907,7 @@ void HashRow(const Job& job, ChunkBuckets& chunk, int64_t row) {
   s.band.resize(g.c * g.patch * BandWidth(g));
   s.patch.resize(g.c * p2);
   s.merged.resize(p2);
-  s.mean.resize(p2);
+  s.sum.resize(p2);
   s.centered.resize(p2 * kHashBlock);
   s.codes.resize(g.c);
   s.bucket.resize(g.c);
@@ -929,7 +935,7 @@ void HashRow(const Job& job, ChunkBuckets& chunk, int64_t row) {
     float* patch = s.patch.data();
     GatherPatch(g, s.band.data(), tx, patch);
     laps.To(kGather);
-    HashPatch(patch, g.c, p2, *job.planes, s.mean.data(), s.centered.data(), s.codes.data());
+    HashPatch(patch, g.c, p2, *job.planes, s.sum.data(), s.centered.data(), s.codes.data());
     laps.To(kHash);
     const int64_t buckets =
         GroupCodes(s.codes.data(), g.c, s.slots, s.bucket.data(), s.size.data());
@@ -1275,14 +1281,14 @@ extern "C" int HasteConvTileCodes(const float* x, const int64_t* x_shape, const 
     const int64_t p2 = g.patch * g.patch;
     std::vector<float> band(g.c * g.patch * BandWidth(g)), patch(g.c * p2);
     const SparsePlanes sparse_planes(planes, num_planes, p2);
-    std::vector<double> mean(p2), centered(p2 * kHashBlock);
+    std::vector<double> sum(p2), centered(p2 * kHashBlock);
     for (int64_t n = 0; n < g.n; ++n) {
       for (int64_t ty = 0; ty < g.tiles_y; ++ty) {
         FillBand(g, x + n * g.c * g.h * g.w, ty, band.data());
         for (int64_t tx = 0; tx < g.tiles_x; ++tx) {
           GatherPatch(g, band.data(), tx, patch.data());
           const int64_t tile_index = (n * g.tiles_y + ty) * g.tiles_x + tx;
-          HashPatch(patch.data(), g.c, p2, sparse_planes, mean.data(), centered.data(),
+          HashPatch(patch.data(), g.c, p2, sparse_planes, sum.data(), centered.data(),
                     codes + tile_index * g.c);
         }
       }

@@ -24,6 +24,7 @@ import haste_onnx
 from haste_onnx.hashing import make_planes
 from haste_onnx.opdef import DOMAIN, make_node
 from haste_onnx.reference import haste_conv
+from haste_onnx.reference.haste_conv import extract_patches, geometry
 from haste_onnx.runtime import get_library_path, make_session
 
 LIBRARY = os.environ.get("HASTE_ONNX_TEST_LIBRARY") or get_library_path()
@@ -289,6 +290,24 @@ def test_exact_no_planes_is_conv_of_channel_mean() -> None:
     assert relative_l2(cmp.y, expected) <= 1e-5
     # and it is not the plain Conv: this kernel merged
     assert relative_l2(cmp.y, run(conv_model(w, pads), x)) > 0.1
+
+
+def test_exact_ties_on_integer_valued_inputs() -> None:
+    """Small integers (quantized or binary data) project exactly on 0 for many planes, and an
+    exact 0 gives bit 0: both implementations must find those ties exactly, not by rounding."""
+    rng = np.random.default_rng(12)
+    x = rng.integers(0, 3, (2, 24, 12, 12)).astype(np.float32)
+    w = rng.standard_normal((5, 24, 3, 3)).astype(np.float32)
+    planes = make_planes(14, 25, 2 / 3, rng)
+    pads = (1, 1, 1, 1)
+    cmp = _exact(x, w, planes, pads)
+    # The codes in integer arithmetic: C times the centered vectors is C v_c - sum_c v_c.
+    patches = extract_patches(x, geometry(x.shape, w.shape, pads, 3), pads)
+    v = patches.reshape(-1, 24, 25).astype(np.int64)
+    projections = (24 * v - v.sum(axis=1, keepdims=True)) @ planes.astype(np.int64).T
+    assert (projections == 0).sum() > 100  # ties are common here
+    bits = (projections > 0).astype(np.uint64) << np.arange(14, dtype=np.uint64)
+    np.testing.assert_array_equal(cmp.stats.codes.reshape(-1, 24), bits.sum(axis=-1))
 
 
 def test_one_hot_inputs_give_exactly_conv() -> None:

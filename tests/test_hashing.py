@@ -72,9 +72,11 @@ def test_zero_projection_gives_bit_zero_and_zero_planes_are_legal():
     np.testing.assert_array_equal(codes, [0, 1])
 
 
-def test_centering_subtracts_the_channel_mean_per_position():
+def test_centering_is_c_times_the_deviation_from_the_channel_mean_per_position():
     v = np.array([[1.0, 2.0], [3.0, 6.0]])
-    np.testing.assert_allclose(center(v), [[-1.0, -2.0], [1.0, 2.0]])
+    np.testing.assert_array_equal(center(v), 2 * np.array([[-1.0, -2.0], [1.0, 2.0]]))
+    # exact where v - mean is not (1/3 has no binary fraction)
+    np.testing.assert_array_equal(center(np.array([[0.0], [0.0], [1.0]])), [[-1.0], [-1.0], [2.0]])
 
 
 def test_bucket_labels_group_equal_codes():
