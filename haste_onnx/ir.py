@@ -192,8 +192,33 @@ def with_outputs(
     return probe
 
 
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs ``node`` holds: the branches of an If, the body of a Loop or Scan."""
+    return [g for a in node.attribute for g in ([a.g] if a.HasField("g") else a.graphs)]
+
+
+def reads(node: onnx.NodeProto) -> list[str]:
+    """The tensors ``node`` reads: its inputs, and every name read inside its subgraphs, which
+    may come from the outer graph."""
+    names = list(node.input)
+    for graph in subgraphs(node):
+        for inner in graph.node:
+            names.extend(reads(inner))
+        names.extend(o.name for o in graph.output)
+    return names
+
+
+def nested_op_types(graph: onnx.GraphProto) -> set[str]:
+    """The op types of the nodes inside the subgraphs of ``graph``'s nodes, at any depth."""
+    types: set[str] = set()
+    for node in graph.node:
+        for inner in subgraphs(node):
+            types |= {n.op_type for n in inner.node} | nested_op_types(inner)
+    return types
+
+
 def remove_unused_initializers(graph: onnx.GraphProto, keep: Iterable[str] = ()) -> None:
-    used = {name for node in graph.node for name in node.input}
+    used = {name for node in graph.node for name in reads(node)}
     used |= graph_output_names(graph) | set(keep)
     kept = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
@@ -206,7 +231,7 @@ def dead_outputs(graph: onnx.GraphProto) -> set[str]:
     dead: set[str] = set()
     for node in reversed(graph.node):
         if any(o in live for o in node.output):
-            live.update(node.input)
+            live.update(reads(node))
         else:
             dead.update(o for o in node.output if o)
     return dead
@@ -221,19 +246,21 @@ def remove_newly_dead_nodes(graph: onnx.GraphProto, dead_before: set[str]) -> No
     graph.node.extend(kept)
 
 
-def list_initializers_as_inputs(graph: onnx.GraphProto, former: set[str]) -> None:
-    """Keep graph inputs in step with the initializers, as IR < 4 requires: drop the inputs of
-    ``former`` initializers that are gone, list new initializers as inputs."""
+def sync_initializer_inputs(graph: onnx.GraphProto, former: set[str], list_new: bool) -> None:
+    """Keep graph inputs in step with the initializers: drop the inputs that named ``former``
+    initializers now gone (listed as inputs, they were overridable defaults), and with
+    ``list_new`` (IR < 4 requires it) list the new initializers as inputs."""
     names = [t.name for t in graph.initializer]
     kept = [i for i in graph.input if i.name not in former or i.name in names]
     listed = {i.name for i in kept}
     del graph.input[:]
     graph.input.extend(kept)
-    graph.input.extend(
-        onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-        for t in graph.initializer
-        if t.name not in listed
-    )
+    if list_new:
+        graph.input.extend(
+            onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+            for t in graph.initializer
+            if t.name not in listed
+        )
 
 
 def unique_name(taken: set[str], base: str) -> str:

@@ -84,9 +84,18 @@ def make_feeds(model: onnx.ModelProto, options: VerifyOptions) -> inputs.Feeds:
     return inputs.random_feeds(model, options.batch, options.dims, options.seed)
 
 
-def _require_convs(decisions: list[ConvDecision], source: Path) -> None:
+def _no_conv(model: onnx.ModelProto, source: Path) -> InputError:
+    if "Conv" in ir.nested_op_types(model.graph):
+        return InputError(
+            f"{source} has no Conv node in its main graph (Convs inside the subgraphs of If, "
+            "Loop or Scan nodes are not converted): nothing to convert"
+        )
+    return InputError(f"{source} has no Conv node: nothing to convert")
+
+
+def _require_convs(model: onnx.ModelProto, decisions: list[ConvDecision], source: Path) -> None:
     if not decisions:
-        raise InputError(f"{source} has no Conv node: nothing to convert")
+        raise _no_conv(model, source)
     if not any(d.converted for d in decisions):
         reasons = "; ".join(f"{d.name}: {d.reason}" for d in decisions)
         raise InputError(f"no Conv in {source} is eligible for HASTE — {reasons}")
@@ -121,7 +130,7 @@ def convert(
     verify_options = verify_options or VerifyOptions()
     say("rewriting")
     converted, decisions, plans = rewrite(original, options)
-    _require_convs(decisions, source)
+    _require_convs(original, decisions, source)
     onnx.checker.check_model(ir.session_source(converted))
     feeds = make_feeds(original, verify_options)
     time_ratios = None  # each converted layer's, when timed
@@ -163,7 +172,7 @@ def inspect(
     model = ir.load(source)
     _, decisions = decide(model, options or HasteOptions())
     if not decisions:
-        raise InputError(f"{source} has no Conv node")
+        raise _no_conv(model, Path(source))
     feeds = make_feeds(model, verify_options or VerifyOptions())
     shapes = {k: tuple(v.shape) for k, v in feeds.arrays.items()}
     flops_report = report.build(model, decisions, [], [], shapes, feeds.description)

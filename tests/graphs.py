@@ -179,3 +179,58 @@ def runtime_weight(seed: int = 4) -> onnx.ModelProto:
 def no_conv() -> onnx.ModelProto:
     n = Net()
     return n.model(n.op("Relu", "x"), ["N", 3, 16, 16])
+
+
+def subgraph_reads(seed: int = 5) -> onnx.ModelProto:
+    """Conv -> Relu whose Conv output, and whose weight (an initializer) and a Constant, are also
+    read inside the branches of an If: nothing they read may be fused away or removed."""
+    n = Net(seed, channels=16, size=8)
+    y = n.conv("x", 16, 16, name="conv")
+    weight = n.nodes[-1].input[1]
+    relu = n.op("Relu", y)
+    n.nodes.append(
+        helper.make_node(
+            "Constant", [], ["shift"], name="shift", value=numpy_helper.from_array(np.float32(1))
+        )
+    )
+    total = n.op("ReduceSum", "x", keepdims=0)
+    cond = n.op("Greater", total, n.const(np.float32(0)))
+    out_info = [helper.make_tensor_value_info("branch_out", TensorProto.FLOAT, None)]
+    then_branch = helper.make_graph(
+        [helper.make_node("Add", [y, "shift"], ["branch_out"])], "then", [], out_info
+    )
+    else_branch = helper.make_graph(
+        [helper.make_node("Conv", [relu, weight], ["branch_out"], pads=[1] * 4)],
+        "else",
+        [],
+        out_info,
+    )
+    n.nodes.append(
+        helper.make_node(
+            "If", [cond], ["chosen"], name="if", then_branch=then_branch, else_branch=else_branch
+        )
+    )
+    return n.model(n.op("Add", "chosen", relu), ["N", 16, 8, 8])
+
+
+def initializers_as_inputs(seed: int = 6) -> onnx.ModelProto:
+    """Every initializer also listed as a graph input (onnx export's keep_initializers_as_inputs),
+    legal since IR 4, where a feed may override it."""
+    model = vgg_like(seed)
+    model.graph.input.extend(
+        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+        for t in model.graph.initializer
+    )
+    onnx.checker.check_model(model)
+    return model
+
+
+def conv_only_in_subgraph(seed: int = 7) -> onnx.ModelProto:
+    """Its only Conv is inside an If branch, which the converter leaves alone."""
+    model = subgraph_reads(seed)
+    graph = model.graph
+    main_convs = [n for n in graph.node if n.op_type == "Conv"]
+    for node in main_convs:  # the main graph's Conv becomes an Identity of the input
+        node.CopyFrom(helper.make_node("Identity", ["x"], list(node.output), name=node.name))
+    onnx.checker.check_model(model)
+    return model

@@ -130,6 +130,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
     full = EXAMPLE.read_bytes()
     (tmp_path / "truncated.onnx").write_bytes(full[: len(full) // 2])
     onnx.save(graphs.no_conv(), tmp_path / "noconv.onnx")
+    onnx.save(graphs.conv_only_in_subgraph(), tmp_path / "subgraph.onnx")
     onnx.save(graphs.runtime_weight(), tmp_path / "dynamic.onnx")
     shutil.copy(EXAMPLE, tmp_path / "ok.onnx")
     np.save(tmp_path / "int.npy", np.zeros((1, 3, 32, 32), np.int64))
@@ -142,6 +143,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
         "not onnx": ([tmp_path / "text.onnx"], "not a readable ONNX model"),
         "truncated": ([tmp_path / "truncated.onnx"], "not a readable ONNX model"),
         "no conv": ([tmp_path / "noconv.onnx"], "has no Conv node"),
+        "conv in subgraph": ([tmp_path / "subgraph.onnx"], "Convs inside the subgraphs of If"),
         "all ineligible": ([tmp_path / "dynamic.onnx"], "dynamic: weight is computed at run time"),
         "output is input": (
             [tmp_path / "ok.onnx", "-o", tmp_path / "ok.onnx"],
@@ -190,6 +192,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
         "not onnx",
         "truncated",
         "no conv",
+        "conv in subgraph",
         "all ineligible",
         "output is input",
         "missing output dir",

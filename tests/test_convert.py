@@ -111,6 +111,35 @@ def test_constant_node_and_constant_subgraph_weights_are_folded(tmp_path):
     assert "ConstantOfShape" not in types and "Constant" not in types  # folded away
 
 
+@pytest.mark.parametrize("sign", [1, -1])
+def test_tensors_read_inside_subgraphs_are_kept(tmp_path, sign):
+    """The Conv's output, its weight and a Constant are read in an If's branches: the Relu is not
+    fused, nothing is removed, and both branches give the original's outputs."""
+    src = save(graphs.subgraph_reads(), tmp_path)
+    x = sign * np.abs(np.random.default_rng(0).standard_normal((2, 16, 8, 8), np.float32))
+    np.save(tmp_path / "x.npy", x)
+    result = convert(src, tmp_path / "out.onnx", verify_options=VerifyOptions(tmp_path / "x.npy"))
+    assert result.passed, result.verification.failures
+    assert [(p.name, p.fused_relu) for p in result.layers] == [("conv", False)]
+    original = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
+    expected = original.run(None, {"x": x})[0]
+    got = make_session(tmp_path / "out.onnx").run(None, {"x": x})[0]
+    assert np.corrcoef(expected.ravel(), got.ravel())[0, 1] > 0.95
+
+
+def test_initializers_listed_as_inputs_are_converted(tmp_path):
+    """Graph inputs that name initializers (overridable defaults) go with the initializers a
+    conversion replaces: the converted model needs the same feeds as the original."""
+    src = save(graphs.initializers_as_inputs(), tmp_path)
+    result = convert(src, tmp_path / "out.onnx")
+    assert result.passed, result.verification.failures
+    assert [p.name for p in result.layers] == ["features.1", "features.3", "features.4"]
+    converted = onnx.load(tmp_path / "out.onnx")
+    initializers = {t.name for t in converted.graph.initializer}
+    assert all(i.name in initializers for i in converted.graph.input[1:])
+    assert converted.graph.input[0].name == "x"
+
+
 def test_weight_computed_from_the_input_is_refused_with_its_reason(tmp_path):
     src = save(graphs.runtime_weight(), tmp_path)
     with pytest.raises(InputError, match="dynamic: weight is computed at run time"):

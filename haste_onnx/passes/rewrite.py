@@ -269,7 +269,7 @@ def layer_planes(options: HasteOptions, name: str, num_planes: int, patch: int) 
 
 def _sole_consumer(graph: onnx.GraphProto, name: str, op_type: str) -> int | None:
     """Index of the node of type ``op_type`` that is the only user of tensor ``name``."""
-    users = [i for i, n in enumerate(graph.node) if name in n.input]
+    users = [i for i, n in enumerate(graph.node) if name in ir.reads(n)]
     if len(users) != 1 or name in ir.graph_output_names(graph):
         return None
     node = graph.node[users[0]]
@@ -358,8 +358,9 @@ def rewrite(
     for v in stale:
         graph.value_info.remove(v)
     ir.remove_unused_initializers(graph)
-    if out.ir_version < 4:  # before IR 4, every initializer is also listed as a graph input
-        ir.list_initializers_as_inputs(graph, {t.name for t in model.graph.initializer})
+    # Before IR 4 every initializer is also listed as a graph input.
+    former = {t.name for t in model.graph.initializer}
+    ir.sync_initializer_inputs(graph, former, list_new=out.ir_version < 4)
     if plans and not any(o.domain == opdef.DOMAIN for o in out.opset_import):
         out.opset_import.append(onnx.helper.make_opsetid(opdef.DOMAIN, opdef.OPSET_VERSION))
     return out, decisions, plans
