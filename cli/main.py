@@ -19,6 +19,7 @@ from haste_onnx import evaluate as evaluation
 from haste_onnx import pipeline as api
 from haste_onnx.errors import HasteError, InputError
 from haste_onnx.passes.rewrite import HasteOptions
+from haste_onnx.staging import Staging
 from haste_onnx.verify import Tolerances, Verification
 
 EXIT_FIDELITY, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130  # 130: the shells' code for Ctrl-C
@@ -216,31 +217,31 @@ class _Console:
             click.echo(click.style(f"· {message}", dim=True), file=sys.stderr)
 
 
-def _start(kw: dict[str, Any], plot: Path | None = None) -> _Console:
+def _start(kw: dict[str, Any], plot: Path | None = None, models: tuple[Path, ...] = ()) -> _Console:
     """The console of a command, once its report files (--json, --plot) are known to be
-    writable and matplotlib to be there for --plot: a bad path fails before any work is done."""
-    if kw["json_path"] is not None and kw["json_path"] != Path("-"):
-        api.check_writable(kw["json_path"], "--json")
+    writable, to overwrite neither each other nor ``models`` (the command's input and output
+    models), and matplotlib to be there for --plot: a bad path fails before any work is done."""
+    reports = {"--json": kw["json_path"], "--plot": plot}
+    reports = {option: path for option, path in reports.items() if path not in (None, Path("-"))}
+    taken = {path.resolve(): f"the model {path}" for path in models}
+    for option, path in reports.items():
+        api.check_writable(path, option)
+        if path.resolve() in taken:
+            raise InputError(f"{option} {path} would overwrite {taken[path.resolve()]}")
+        taken[path.resolve()] = f"the {option} file"
     if plot is not None:
-        api.check_writable(plot, "--plot")
         report.pyplot()
     return _Console(kw["quiet"], kw["json_path"])
 
 
-def _write_json(path: Path | None, document: dict[str, object]) -> None:
+def _write_json(path: Path | None, document: dict[str, object], staging: Staging) -> None:
     if path is None:
         return
-    text = report.dumps(document)
+    text = report.dumps(document) + "\n"
     if path == Path("-"):
-        click.echo(text)
+        click.echo(text, nl=False)
         return
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text + "\n")
-        tmp.replace(path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise InputError(f"cannot write {path}: {exc.strerror}") from None
+    staging.write(path, lambda staged: staged.write_text(text))
 
 
 def _fail(message: str, code: int) -> None:
@@ -266,6 +267,8 @@ class _Group(click.Group):
             _fail(str(exc), EXIT_USAGE)
         except _ORT_ERRORS as exc:  # a model or an input that onnxruntime refuses
             _fail(f"onnxruntime: {str(exc).strip()}", EXIT_USAGE)
+        except MemoryError:
+            _fail("out of memory: the inputs or the model are too large here", EXIT_USAGE)
         except KeyboardInterrupt:  # not click's "Aborted!" and exit 1, which means a failed check
             _fail("interrupted (no file is left half-written)", EXIT_INTERRUPTED)
 
@@ -322,14 +325,15 @@ def _report(
     verification: Verification,
     plot: Path | None,
     extra: dict[str, object],
+    staging: Staging,
 ) -> None:
-    """Print the table and fidelity, draw the plot, write the JSON."""
+    """Print the table and fidelity; stage the plot and the JSON."""
     console.echo(report.table(flops))
     console.echo()
     for line in _fidelity_lines(verification):
         console.echo(line)
     if plot is not None:
-        report.plot(flops, plot)
+        report.plot(flops, plot, staging)
         console.echo(f"plot: {plot}")
     _write_json(
         kw["json_path"],
@@ -344,6 +348,7 @@ def _report(
             ],
             **report.flops_json(flops),
         },
+        staging,
     )
 
 
@@ -407,10 +412,11 @@ def convert(
     """Rewrite eligible Convs of MODEL into HasteConv, verify, and report FLOPs."""
     if threads != 1 and not only_faster:
         raise click.UsageError("--threads applies to --only-faster's timing only")
-    console = _start(kw, plot)
+    target = output or api.default_output(model)
+    console = _start(kw, plot, (model, target))
     result = api.convert(
         model,
-        output,
+        target,
         _options(kw),
         _verify_options(kw),
         _tolerances(kw),
@@ -418,23 +424,31 @@ def convert(
         progress=console.progress,
         only_faster=only_faster,
         threads=threads,
+        write=False,
     )
     timing = result.timing
-    _report(
-        console,
-        kw,
-        result.flops,
-        result.verification,
-        plot,
-        {
-            "model": str(model),
-            "output": [str(p) for p in result.written],
-            "options": {k: kw[k] for k in ("num_planes", "sparsity", "tile", "seed")},
-            "time_ratio": timing.ratio if timing else None,
-            "time_wins": timing.wins if timing else None,
-            "time_rounds": timing.rounds if timing else None,
-        },
-    )
+    with Staging() as staging:  # the model, the plot and the JSON: all of them or none
+        written = []
+        if result.passed or force:
+            console.progress(f"writing {target}")
+            written = api.stage(result, staging)
+        _report(
+            console,
+            kw,
+            result.flops,
+            result.verification,
+            plot,
+            {
+                "model": str(model),
+                "output": [str(p) for p in written],
+                "options": {k: kw[k] for k in ("num_planes", "sparsity", "tile", "seed")},
+                "time_ratio": timing.ratio if timing else None,
+                "time_wins": timing.wins if timing else None,
+                "time_rounds": timing.rounds if timing else None,
+            },
+            staging,
+        )
+        staging.commit()
     if timing:
         console.echo(
             f"converted model time / original model time: {timing} "
@@ -442,15 +456,15 @@ def convert(
         )
     if not result.passed:
         wrote = (
-            f"written anyway (--force): {result.written[0]}"
-            if result.written
+            f"written anyway (--force): {written[0]}"
+            if written
             else "nothing written (use --force to write it anyway)"
         )
         _fail(
             "fidelity check failed: " + "; ".join(result.verification.failures) + "; " + wrote,
             EXIT_FIDELITY,
         )
-    console.echo(click.style(f"wrote {', '.join(map(str, result.written))}", fg="green"))
+    console.echo(click.style(f"wrote {', '.join(map(str, written))}", fg="green"))
     if not only_faster:
         console.echo(
             "note: fewer FLOPs is not less time - on a CPU many HasteConv layers run slower than "
@@ -474,18 +488,21 @@ def convert(
 @_output_options
 def verify(original: Path, converted: Path, plot: Path | None, **kw: Any) -> None:
     """Check CONVERTED (made earlier) against ORIGINAL and report its FLOPs."""
-    console = _start(kw, plot)
+    console = _start(kw, plot, (original, converted))
     result = api.verify_pair(
         original, converted, _verify_options(kw), _tolerances(kw), progress=console.progress
     )
-    _report(
-        console,
-        kw,
-        result.flops,
-        result.verification,
-        plot,
-        {"model": str(original), "converted": str(converted)},
-    )
+    with Staging() as staging:
+        _report(
+            console,
+            kw,
+            result.flops,
+            result.verification,
+            plot,
+            {"model": str(original), "converted": str(converted)},
+            staging,
+        )
+        staging.commit()
     if not result.passed:
         _fail("fidelity check failed: " + "; ".join(result.verification.failures), EXIT_FIDELITY)
     console.echo(click.style("passed", fg="green"))
@@ -499,7 +516,7 @@ def verify(original: Path, converted: Path, plot: Path | None, **kw: Any) -> Non
 @_output_options
 def inspect(model: Path, **kw: Any) -> None:
     """List every Conv of MODEL, whether HASTE would convert it and why, and baseline FLOPs."""
-    console = _start(kw)
+    console = _start(kw, models=(model,))
     result = api.inspect(model, _options(kw), _verify_options(kw))
     flops = {s.name: s.flops for s in result.flops.skipped}
     for d in result.decisions:
@@ -515,14 +532,14 @@ def inspect(model: Path, **kw: Any) -> None:
         f"(Conv, Gemm, MatMul), {sum(d.converted for d in result.decisions)} of "
         f"{len(result.decisions)} convs eligible"
     )
-    _write_json(
-        kw["json_path"],
-        {
+    with Staging() as staging:
+        document = {
             "model": str(model),
             "convs": [vars(d) | {"baseline_flops": flops.get(d.name)} for d in result.decisions],
             "baseline_flops": result.flops.baseline_total,
-        },
-    )
+        }
+        _write_json(kw["json_path"], document, staging)
+        staging.commit()
 
 
 DATA_SETS: dict[str, tuple[str, Callable[[], tuple[np.ndarray, np.ndarray]]]] = {
@@ -615,7 +632,7 @@ def evaluate(
     **kw: Any,
 ) -> None:
     """Top-1 accuracy and FLOPs reduction of MODEL over a sweep of L (paper Table 4)."""
-    console = _start(kw, plot)
+    console = _start(kw, plot, (model,))
     if data in DATA_SETS:
         title, loader = DATA_SETS[data]
         images, labels = loader()
@@ -640,7 +657,9 @@ def evaluate(
         threads,
     )
     console.echo(evaluation.table(result))
-    if plot is not None:
-        evaluation.plot(result, str(plot))
-        console.echo(f"plot: {plot}")
-    _write_json(kw["json_path"], {"model": str(model), **evaluation.to_json(result)})
+    with Staging() as staging:
+        if plot is not None:
+            evaluation.plot(result, str(plot), staging)
+            console.echo(f"plot: {plot}")
+        _write_json(kw["json_path"], {"model": str(model), **evaluation.to_json(result)}, staging)
+        staging.commit()

@@ -26,6 +26,7 @@ from haste_onnx.hashing import bucket_labels, center, check_num_planes, hash_cod
 from haste_onnx.inputs import declared_shape, fits
 from haste_onnx.passes.rewrite import HasteOptions, LayerPlan, decide, rewrite
 from haste_onnx.reference.haste_conv import assemble, extract_patches, geometry, hash_stats
+from haste_onnx.staging import Staging
 from haste_onnx.verify import LayerRun
 
 Progress = Callable[[str], None]
@@ -389,7 +390,7 @@ def table(ev: Evaluation) -> str:
     return "\n".join(lines)
 
 
-def plot(ev: Evaluation, path: str) -> None:
+def plot(ev: Evaluation, path: str, staging: Staging | None = None) -> None:
     """Top-1 accuracy against FLOPs reduction, one point per L with seed std (paper Fig. 3b)."""
     fig, ax = report.pyplot().subplots(figsize=(6, 4.2))
     red = [100 * row.reduction[0] for row in ev.rows]
@@ -413,4 +414,4 @@ def plot(ev: Evaluation, path: str) -> None:
     ax.set_title(ev.data, fontsize=9)
     ax.legend()
     fig.tight_layout()
-    report.save_figure(fig, path)
+    report.save_figure(fig, path, staging)

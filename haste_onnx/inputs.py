@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,20 @@ def _as_input(value: onnx.ValueInfoProto, array: np.ndarray) -> np.ndarray:
     return array
 
 
+def _load_arrays(path: Path, names: list[str]) -> dict[str, np.ndarray]:
+    """The arrays of ``names`` from a .npy (one name) or a .npz file."""
+    try:
+        if path.suffix == ".npy":
+            return {names[0]: np.load(path, allow_pickle=False)}
+        with np.load(path, allow_pickle=False) as data:
+            missing = sorted(set(names) - set(data.files))
+            if missing:
+                raise InputError(f"{path} lacks arrays for inputs {missing} (it has {data.files})")
+            return {name: data[name] for name in names}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # empty, corrupt, pickled
+        raise InputError(f"cannot read inputs {path}: {exc or type(exc).__name__}") from None
+
+
 def user_feeds(
     model: onnx.ModelProto, path: str | Path, dims: Mapping[str, int] | None = None
 ) -> Feeds:
@@ -131,18 +146,12 @@ def user_feeds(
             raise InputError(f"an image folder can feed a one-input model; this one has {names}")
         shape = resolve_shape(inputs[0], 1, dims or {})
         arrays = {names[0]: _load_images(path, shape)}
-    elif path.suffix == ".npy":
-        if len(inputs) != 1:
+    elif path.suffix in (".npy", ".npz"):
+        if path.suffix == ".npy" and len(inputs) != 1:
             raise InputError(
                 f"a .npy file can feed a one-input model; this one has {names}: use .npz"
             )
-        arrays = {names[0]: np.load(path, allow_pickle=False)}
-    elif path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            missing = sorted(set(names) - set(data.files))
-            if missing:
-                raise InputError(f"{path} lacks arrays for inputs {missing} (it has {data.files})")
-            arrays = {name: data[name] for name in names}
+        arrays = _load_arrays(path, names)
     else:
         raise InputError(f"inputs must be a .npy or .npz file or an image folder, got {path}")
     for value in inputs:

@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from onnx.external_data_helper import ExternalDataInfo
 
 from haste_onnx.errors import InputError
+from haste_onnx.staging import Staging
 
 PROTOBUF_LIMIT = 2**31 - 1
 """Models whose serialized size would exceed this must keep their tensors as external data."""
@@ -75,10 +77,18 @@ def max_ir_version() -> int:
     return 3
 
 
-def uses_external_data(path: str | os.PathLike[str]) -> bool:
-    """Whether the model file keeps tensors in external data files (read without the data)."""
-    model = onnx.load(path, load_external_data=False)
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+def external_data_files(path: str | os.PathLike[str]) -> set[Path]:
+    """The files (resolved) in which the model file keeps tensors, read without the data; none
+    for a file that is not a model (:func:`load` says why)."""
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception:  # protobuf and onnx raise many unrelated types here
+        return set()
+    return {
+        (Path(path).parent / ExternalDataInfo(t).location).resolve()
+        for t in model.graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+    }
 
 
 def too_large(model: onnx.ModelProto) -> bool:
@@ -87,42 +97,40 @@ def too_large(model: onnx.ModelProto) -> bool:
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike[str], external_data: bool) -> list[Path]:
-    """Write ``model`` to ``path`` atomically; tensors go to ``<name>.data`` when asked or needed.
+    """Write ``model`` to ``path`` whole or not at all (:func:`stage`); returns the files."""
+    with Staging() as staging:
+        written = stage(model, path, external_data, staging)
+        staging.commit()
+    return written
 
-    Everything is written into a temporary directory beside ``path`` and moved into place only
-    when complete, so a failure leaves no partial file and never touches an existing one.
-    Returns the files written.
-    """
+
+def stage(
+    model: onnx.ModelProto, path: str | os.PathLike[str], external_data: bool, staging: Staging
+) -> list[Path]:
+    """Stage ``model`` for ``path``; its tensors go to ``<name>.data`` when asked or needed.
+    Returns the files it will write."""
     path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise InputError(f"output directory does not exist: {directory}")
-    if not os.access(directory, os.W_OK):
-        raise InputError(f"output directory is not writable: {directory}")
+    if not path.parent.is_dir():
+        raise InputError(f"output directory does not exist: {path.parent}")
+    if not os.access(path.parent, os.W_OK):
+        raise InputError(f"output directory is not writable: {path.parent}")
     external = external_data or too_large(model)
     data_name = path.name + ".data"
-    try:
-        with tempfile.TemporaryDirectory(dir=directory, prefix=".haste-onnx-") as tmp:
-            staged = Path(tmp) / path.name
-            if external:  # saving to external data empties the tensors: work on a copy
-                onnx.save_model(
-                    copy.deepcopy(model),
-                    staged,
-                    save_as_external_data=True,
-                    all_tensors_to_one_file=True,
-                    location=data_name,
-                    size_threshold=1024,
-                )
-            else:
-                onnx.save_model(model, staged)
-            written = [path]
-            if external:
-                os.replace(Path(tmp) / data_name, directory / data_name)
-                written.append(directory / data_name)
-            os.replace(staged, path)
-    except OSError as exc:
-        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    return written
+
+    def write(staged: Path) -> None:
+        if external:  # saving to external data empties the tensors: work on a copy
+            onnx.save_model(
+                copy.deepcopy(model),
+                staged,
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
+        else:
+            onnx.save_model(model, staged)
+
+    return staging.write(path, write, [data_name] if external else [])
 
 
 def session_source(model: onnx.ModelProto) -> bytes | str:

@@ -20,6 +20,7 @@ from haste_onnx.passes.rewrite import (
     plans_of,
     rewrite,
 )
+from haste_onnx.staging import Staging
 from haste_onnx.verify import Progress, Tolerances, Verification, verify
 
 
@@ -42,6 +43,8 @@ class ConversionResult:
     flops: report.FlopsReport
     written: list[Path]
     timing: speed.Comparison | None = None  # with only_faster: the converted model vs original
+    target: Path = Path()  # where the model is (or would be) written
+    external_data: bool = False  # whether its tensors go to a .data file beside it
 
     @property
     def passed(self) -> bool:
@@ -62,6 +65,12 @@ def check_output_path(source: Path, output: Path) -> None:
     """Refuse outputs that would overwrite the input or land where nothing can be written."""
     if output.resolve() == source.resolve():
         raise InputError(f"output path is the input model: {output}; choose another --output")
+    data = output.with_name(output.name + ".data")
+    if data.resolve() in ir.external_data_files(source):
+        raise InputError(
+            f"the output's data file {data} holds the input model's tensors: choose another "
+            "--output"
+        )
     check_writable(output)
 
 
@@ -111,9 +120,12 @@ def convert(
     progress: Progress | None = None,
     only_faster: bool = False,
     threads: int = 1,
+    write: bool = True,
 ) -> ConversionResult:
     """Convert the model at ``source`` and write it to ``output`` (default ``<name>.haste.onnx``)
     if the verification passed, or in any case with ``force``. Nothing is written on failure.
+    With ``write`` unset nothing is written: :func:`stage` then writes the model together with
+    other files.
 
     With ``only_faster``, every converted layer is timed alone against onnxruntime's Conv on the
     verification inputs, and those not faster as HasteConv stay Conv, then the model as a whole
@@ -154,13 +166,28 @@ def convert(
     flops_report = report.build(
         original, decisions, plans, verification.layers, shapes, feeds.description, time_ratios
     )
-    written: list[Path] = []
-    if verification.passed or force:
-        say(f"writing {target}")
-        written = ir.save(converted, target, external_data=ir.uses_external_data(source))
-    return ConversionResult(
-        converted, decisions, plans, verification, flops_report, written, model_timing
+    result = ConversionResult(
+        converted,
+        decisions,
+        plans,
+        verification,
+        flops_report,
+        [],
+        model_timing,
+        target,
+        bool(ir.external_data_files(source)),
     )
+    if write and (verification.passed or force):
+        say(f"writing {target}")
+        written = ir.save(converted, target, result.external_data)
+        result = dataclasses.replace(result, written=written)
+    return result
+
+
+def stage(result: ConversionResult, staging: Staging) -> list[Path]:
+    """Stage the converted model for its target (:func:`convert` with ``write`` unset), to be
+    written with other files by ``staging.commit()``. Returns the files it will write."""
+    return ir.stage(result.model, result.target, result.external_data, staging)
 
 
 def inspect(

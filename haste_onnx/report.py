@@ -19,6 +19,7 @@ from haste_onnx import flops
 from haste_onnx.errors import InputError
 from haste_onnx.flops import HasteFlops
 from haste_onnx.passes.rewrite import ConvDecision, LayerPlan
+from haste_onnx.staging import Staging
 from haste_onnx.verify import LayerRun
 
 SCHEMA = "haste-onnx/report/1"
@@ -258,21 +259,18 @@ def pyplot() -> Any:
     return plt
 
 
-def save_figure(figure: Any, path: str | Path) -> None:
-    """Write ``figure`` to ``path`` as a PNG, whole or not at all, and close it."""
-    path = Path(path)
-    staged = path.with_name(f".{path.name}.tmp.png")
+def save_figure(figure: Any, path: str | Path, staging: Staging | None = None) -> None:
+    """Write ``figure`` to ``path`` as a PNG, whole or not at all (with ``staging``, when that
+    commits), and close it."""
     try:
-        figure.savefig(staged, dpi=110)
-        staged.replace(path)
-    except OSError as exc:
-        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        with Staging() as own:
+            (staging or own).write(Path(path), lambda staged: figure.savefig(staged, dpi=110))
+            own.commit()
     finally:
         pyplot().close(figure)
-        staged.unlink(missing_ok=True)
 
 
-def plot(report: FlopsReport, path: str | Path) -> None:
+def plot(report: FlopsReport, path: str | Path, staging: Staging | None = None) -> None:
     """Per-layer compression ratio and FLOPs, baseline vs HASTE, as a PNG (needs matplotlib)."""
     plt = pyplot()
     names = [layer.name for layer in report.layers]
@@ -298,4 +296,4 @@ def plot(report: FlopsReport, path: str | Path) -> None:
     bottom.set_xticks(list(x), names, rotation=60, ha="right", fontsize=8)
     bottom.legend()
     fig.tight_layout()
-    save_figure(fig, path)
+    save_figure(fig, path, staging)

@@ -1,5 +1,6 @@
 """The ``haste-onnx`` command: outputs, exit codes, and one clear line for every bad input."""
 
+import errno
 import json
 import shutil
 import subprocess
@@ -138,6 +139,10 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
     np.save(tmp_path / "empty.npy", np.zeros((0, 3, 32, 32), np.float32))
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "a.png").write_text("not a PNG")
+    (tmp_path / "zero.npy").write_bytes(b"")
+    (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04garbage")
+    external = onnx.load(EXAMPLE)
+    onnx.save(external, tmp_path / "ext.onnx", save_as_external_data=True, location="b.onnx.data")
     return {
         "missing file": ([tmp_path / "nope.onnx"], "model file not found"),
         "not onnx": ([tmp_path / "text.onnx"], "not a readable ONNX model"),
@@ -182,6 +187,35 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
             [tmp_path / "ok.onnx", "--inputs", tmp_path / "x.npy"],
             "inputs not found",
         ),
+        "zero-byte inputs": (
+            [tmp_path / "ok.onnx", "--inputs", tmp_path / "zero.npy"],
+            "cannot read inputs",
+        ),
+        "corrupt npz": (
+            [tmp_path / "ok.onnx", "--inputs", tmp_path / "corrupt.npz"],
+            "cannot read inputs",
+        ),
+        "json is input": (
+            [tmp_path / "ok.onnx", "--json", tmp_path / "ok.onnx"],
+            "--json " + str(tmp_path / "ok.onnx") + " would overwrite the model",
+        ),
+        "plot is input": (
+            [tmp_path / "ok.onnx", "--plot", tmp_path / "ok.onnx"],
+            "would overwrite the model",
+        ),
+        "json is output": (
+            [tmp_path / "ok.onnx", "-o", tmp_path / "o.onnx", "--json", tmp_path / "o.onnx"],
+            "would overwrite the model",
+        ),
+        "json is plot": (
+            [tmp_path / "ok.onnx", "--json", tmp_path / "r", "--plot", tmp_path / "r"],
+            "would overwrite the --json file",
+        ),
+        "output data is input data": (
+            [tmp_path / "ext.onnx", "-o", tmp_path / "b.onnx"],
+            "holds the input model's tensors",
+        ),
+        "out of memory": ([tmp_path / "ok.onnx", "--batch", "10000000000"], "out of memory"),
     }
 
 
@@ -210,11 +244,20 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
         "unknown layer",
         "bad layer L",
         "missing inputs",
+        "zero-byte inputs",
+        "corrupt npz",
+        "json is input",
+        "plot is input",
+        "json is output",
+        "json is plot",
+        "output data is input data",
+        "out of memory",
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, case):
     args, message = _bad_inputs(tmp_path)[case]
     before = sorted(p.name for p in tmp_path.iterdir())
+    data_before = (tmp_path / "b.onnx.data").read_bytes()
     proc = subprocess.run(
         ["haste-onnx", "convert", *map(str, args)], capture_output=True, text=True
     )
@@ -225,6 +268,22 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, case):
     assert len(errors) == 1 or "Usage" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written or left
     assert (tmp_path / "ok.onnx").read_bytes() == EXAMPLE.read_bytes()
+    assert (tmp_path / "b.onnx.data").read_bytes() == data_before
+
+
+def test_a_report_that_cannot_be_written_leaves_no_model(example, tmp_path, monkeypatch):
+    """The model, the plot and the JSON are written together or not at all: a disk that fills
+    up while the JSON is written leaves no model and no partial file."""
+
+    def disk_full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    before = sorted(tmp_path.iterdir())
+    code, _, err = run("convert", example, "-o", tmp_path / "out.onnx", "--json", tmp_path / "r.json")
+    assert code == 2 and "cannot write " + str(tmp_path / "r.json") in err
+    assert "No space left on device" in err and "Traceback" not in err
+    assert sorted(tmp_path.iterdir()) == before
 
 
 def test_image_folder_inputs_are_resized_and_scaled(example, tmp_path):
