@@ -280,8 +280,9 @@ def test_a_report_that_cannot_be_written_leaves_no_model(example, tmp_path, monk
 
     monkeypatch.setattr(Path, "write_text", disk_full)
     before = sorted(tmp_path.iterdir())
-    code, _, err = run("convert", example, "-o", tmp_path / "out.onnx", "--json", tmp_path / "r.json")
-    assert code == 2 and "cannot write " + str(tmp_path / "r.json") in err
+    out, json_path = tmp_path / "out.onnx", tmp_path / "r.json"
+    code, _, err = run("convert", example, "-o", out, "--json", json_path)
+    assert code == 2 and f"cannot write {json_path}" in err
     assert "No space left on device" in err and "Traceback" not in err
     assert sorted(tmp_path.iterdir()) == before
 
