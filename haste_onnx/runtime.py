@@ -71,11 +71,12 @@ def quiet_session(
     spinning: bool = True,
 ) -> ort.InferenceSession:
     """A session for the library's own runs (verification, evaluation, timing): onnxruntime's
-    warnings are silenced, since the library prints nothing; models past the protobuf limit
+    log is silenced, since the library prints nothing (its errors still raise, and the command
+    line says them in one line); models past the protobuf limit
     load from a temporary file. ``spinning=False`` makes the worker threads sleep as soon as
     they run out of work, instead of spinning for more (see :mod:`haste_onnx.speed`)."""
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     if threads is not None:
         options.intra_op_num_threads = threads
     if not spinning:

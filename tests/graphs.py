@@ -234,3 +234,9 @@ def conv_only_in_subgraph(seed: int = 7) -> onnx.ModelProto:
         node.CopyFrom(helper.make_node("Identity", ["x"], list(node.output), name=node.name))
     onnx.checker.check_model(model)
     return model
+
+
+def input_smaller_than_kernel(seed: int = 8) -> onnx.ModelProto:
+    """A 3x3 Conv without padding on a 2x2 input: valid ONNX that onnxruntime refuses to run."""
+    n = Net(seed, channels=16, size=2)
+    return n.model(n.conv("x", 16, 16, pads=[0] * 4, name="conv"), ["N", 16, "h", "w"])

@@ -132,6 +132,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
     (tmp_path / "truncated.onnx").write_bytes(full[: len(full) // 2])
     onnx.save(graphs.no_conv(), tmp_path / "noconv.onnx")
     onnx.save(graphs.conv_only_in_subgraph(), tmp_path / "subgraph.onnx")
+    onnx.save(graphs.input_smaller_than_kernel(), tmp_path / "small.onnx")
     onnx.save(graphs.runtime_weight(), tmp_path / "dynamic.onnx")
     shutil.copy(EXAMPLE, tmp_path / "ok.onnx")
     np.save(tmp_path / "int.npy", np.zeros((1, 3, 32, 32), np.int64))
@@ -216,6 +217,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
             "holds the input model's tensors",
         ),
         "out of memory": ([tmp_path / "ok.onnx", "--batch", "10000000000"], "out of memory"),
+        "onnxruntime refuses to run it": ([tmp_path / "small.onnx"], "onnxruntime: "),
     }
 
 
@@ -252,6 +254,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
         "json is plot",
         "output data is input data",
         "out of memory",
+        "onnxruntime refuses to run it",
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, case):
@@ -266,6 +269,8 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, case):
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1 or "Usage" in proc.stderr
+    if "Usage" not in proc.stderr:  # progress lines, then the error: no log of onnxruntime's
+        assert all(line.startswith(("·", "error")) for line in proc.stderr.splitlines())
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written or left
     assert (tmp_path / "ok.onnx").read_bytes() == EXAMPLE.read_bytes()
     assert (tmp_path / "b.onnx.data").read_bytes() == data_before
