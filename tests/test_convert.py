@@ -13,7 +13,7 @@ import haste_onnx
 from haste_onnx import flops, opdef
 from haste_onnx.errors import InputError
 from haste_onnx.passes.rewrite import HasteOptions
-from haste_onnx.pipeline import VerifyOptions, convert, inspect
+from haste_onnx.pipeline import VerifyOptions, convert, inspect, verify_pair
 from haste_onnx.reference import HasteConv
 from haste_onnx.runtime import make_session
 from haste_onnx.verify import Tolerances
@@ -138,6 +138,24 @@ def test_initializers_listed_as_inputs_are_converted(tmp_path):
     initializers = {t.name for t in converted.graph.initializer}
     assert all(i.name in initializers for i in converted.graph.input[1:])
     assert converted.graph.input[0].name == "x"
+
+
+def test_unnamed_convs_keep_their_names_from_convert_to_verify(tmp_path):
+    model = graphs.vgg_like()
+    for node in model.graph.node:
+        node.name = ""
+    src = save(model, tmp_path)
+    converted = convert(src, tmp_path / "out.onnx")
+    checked = verify_pair(src, tmp_path / "out.onnx")
+    assert [p.name for p in checked.layers] == [p.name for p in converted.layers]
+    assert [p.name for p in converted.layers] == [
+        "Conv_3(features.1.y)",
+        "Conv_7(features.3.y)",
+        "Conv_10(features.4.y)",
+    ]
+    assert checked.flops.baseline_total == converted.flops.baseline_total
+    assert checked.flops.haste_total == pytest.approx(converted.flops.haste_total)
+    assert [s.name for s in checked.flops.skipped] == [s.name for s in converted.flops.skipped]
 
 
 def test_weight_computed_from_the_input_is_refused_with_its_reason(tmp_path):

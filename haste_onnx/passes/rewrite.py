@@ -329,7 +329,7 @@ def rewrite(
             pads=pads,
             tile=options.tile,
             activation="Relu" if relu is not None else "",
-            name=node.name,
+            name=site.name,  # an unnamed Conv's too, so that the layer keeps its name in reports
         )
         graph.node[site.index].CopyFrom(haste)
         plans.append(
