@@ -176,8 +176,21 @@ def constant_value(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
             attr = node.attribute[0]
             if attr.name == "value":
                 return numpy_helper.to_array(attr.t)
+            if attr.name == "sparse_value":
+                return _dense(attr.sparse_tensor)
             return np.asarray(onnx.helper.get_attribute_value(attr), dtype=np.float32)
     return None
+
+
+def _dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
+    """A sparse tensor's dense value (indices linear, [NNZ], or coordinates, [NNZ, rank])."""
+    values, indices = numpy_helper.to_array(sparse.values), numpy_helper.to_array(sparse.indices)
+    dense = np.zeros(list(sparse.dims), values.dtype)
+    if indices.ndim == 1:
+        dense.flat[indices] = values
+    else:
+        dense[tuple(indices.T)] = values
+    return dense
 
 
 def graph_output_names(graph: onnx.GraphProto) -> set[str]:

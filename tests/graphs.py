@@ -240,3 +240,24 @@ def input_smaller_than_kernel(seed: int = 8) -> onnx.ModelProto:
     """A 3x3 Conv without padding on a 2x2 input: valid ONNX that onnxruntime refuses to run."""
     n = Net(seed, channels=16, size=2)
     return n.model(n.conv("x", 16, 16, pads=[0] * 4, name="conv"), ["N", 16, "h", "w"])
+
+
+def sparse_constant_weights(seed: int = 9) -> onnx.ModelProto:
+    """Weights from Constant nodes with a sparse_value, in linear and in coordinate indices."""
+    n = Net(seed, channels=16, size=8)
+    h = "x"
+    for i, linear in enumerate([True, False]):
+        w = n.weight(16, 16, 3)
+        w[np.abs(w) < np.median(np.abs(w))] = 0  # half of the entries zero
+        nonzero = np.flatnonzero(w) if linear else np.argwhere(w)
+        sparse = helper.make_sparse_tensor(
+            numpy_helper.from_array(w[w != 0]),
+            numpy_helper.from_array(nonzero.astype(np.int64)),
+            list(w.shape),
+        )
+        name = f"w{i}"
+        n.nodes.append(helper.make_node("Constant", [], [name], name=name, sparse_value=sparse))
+        conv = helper.make_node("Conv", [h, name], [f"conv{i}.y"], name=f"conv{i}", pads=[1] * 4)
+        n.nodes.append(conv)
+        h = n.op("Relu", f"conv{i}.y")
+    return n.model(h, ["N", 16, 8, 8])

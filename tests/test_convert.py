@@ -158,6 +158,12 @@ def test_unnamed_convs_keep_their_names_from_convert_to_verify(tmp_path):
     assert [s.name for s in checked.flops.skipped] == [s.name for s in converted.flops.skipped]
 
 
+def test_sparse_constant_weights_are_read(tmp_path):
+    result = convert(save(graphs.sparse_constant_weights(), tmp_path), tmp_path / "out.onnx")
+    assert result.passed, result.verification.failures
+    assert [p.name for p in result.layers] == ["conv0", "conv1"]
+
+
 def test_weight_computed_from_the_input_is_refused_with_its_reason(tmp_path):
     src = save(graphs.runtime_weight(), tmp_path)
     with pytest.raises(InputError, match="dynamic: weight is computed at run time"):
