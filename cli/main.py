@@ -14,7 +14,7 @@ import click
 import numpy as np
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-from haste_onnx import datasets, ir, report
+from haste_onnx import datasets, report
 from haste_onnx import evaluate as evaluation
 from haste_onnx import pipeline as api
 from haste_onnx.errors import HasteError, InputError
@@ -644,7 +644,7 @@ def evaluate(
         title = f"the first {limit} images of the {title}"
     images = datasets.normalize(images, mean, std)
     result = evaluation.evaluate(
-        ir.load(model),
+        api.load_original(model),
         images,
         labels,
         f"{model.name} on {title}",

@@ -94,6 +94,21 @@ def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(logits.argmax(axis=1) == labels))
 
 
+def _check_classes(logits: np.ndarray, labels: np.ndarray) -> None:
+    """Refuse a model that does not classify into ``[N, classes]`` scores, or labels beyond its
+    classes: either would give a meaningless accuracy."""
+    if logits.ndim != 2:
+        raise ValueError(
+            "evaluation needs a classifier whose first output is [N, classes], this model's is "
+            f"{list(logits.shape)}"
+        )
+    if labels.min() < 0 or labels.max() >= logits.shape[1]:
+        raise ValueError(
+            f"the labels run from {labels.min()} to {labels.max()}, the model has "
+            f"{logits.shape[1]} classes"
+        )
+
+
 def _single_input(model: onnx.ModelProto, images: np.ndarray) -> str:
     """The name of the model's only input, once ``images`` are known to fit its fixed sizes."""
     inputs = ir.graph_inputs(model)
@@ -302,6 +317,7 @@ def evaluate(
     say("baseline")
     session = runtime.quiet_session(model, custom_ops=False, threads=threads)
     logits = np.concatenate([r[0] for r in _run(session, name, images, 250)])
+    _check_classes(logits, labels)
     baseline = _accuracy(logits, labels)
     rows, ablations = [], []
     for num_planes in planes:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import onnx
 
-from haste_onnx import inputs, ir, report, speed
+from haste_onnx import inputs, ir, opdef, report, speed
 from haste_onnx.errors import InputError
 from haste_onnx.passes.rewrite import (
     ConvDecision,
@@ -86,6 +86,16 @@ def check_writable(path: Path, what: str = "output") -> None:
         raise InputError(f"{what} directory is not writable: {directory}")
 
 
+def load_original(path: str | Path) -> onnx.ModelProto:
+    """Load a model to convert, inspect or evaluate: one that holds no HasteConv yet."""
+    model = ir.load(path)
+    if any(node.domain == opdef.DOMAIN for node in model.graph.node):
+        raise InputError(
+            f"{path} holds HasteConv nodes: it is a converted model; give the original one"
+        )
+    return model
+
+
 def make_feeds(model: onnx.ModelProto, options: VerifyOptions) -> inputs.Feeds:
     inputs.check_dims(model, options.dims)
     if options.inputs is not None:
@@ -137,7 +147,7 @@ def convert(
     check_output_path(source, target)
     say = progress or (lambda _: None)
     say(f"loading {source}")
-    original = ir.load(source)
+    original = load_original(source)
     options = options or HasteOptions()
     verify_options = verify_options or VerifyOptions()
     say("rewriting")
@@ -196,7 +206,7 @@ def inspect(
     verify_options: VerifyOptions | None = None,
 ) -> Inspection:
     """Every Conv's eligibility and reason, and the baseline FLOPs, without converting."""
-    model = ir.load(source)
+    model = load_original(source)
     _, decisions = decide(model, options or HasteOptions())
     if not decisions:
         raise _no_conv(model, Path(source))
@@ -235,7 +245,7 @@ def verify_pair(
     progress: Progress | None = None,
 ) -> PairResult:
     """Check an existing converted model against its original and measure its FLOPs."""
-    original, converted = ir.load(original_path), ir.load(converted_path)
+    original, converted = load_original(original_path), ir.load(converted_path)
     plans = plans_of(converted)
     if not plans:
         raise InputError(f"{converted_path} has no HasteConv node: it is not a converted model")

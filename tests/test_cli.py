@@ -369,3 +369,13 @@ def test_more_flops_are_called_more(example):
     assert code == 0, err
     (total,) = [line for line in out.splitlines() if line.startswith("converted layers:")]
     assert "% more)" in total and "fewer" not in total
+
+
+def test_a_converted_model_is_not_taken_for_an_original(example, tmp_path):
+    out = tmp_path / "out.onnx"
+    assert run("convert", example, "-o", out, "-q")[0] == 0
+    again = tmp_path / "again.onnx"
+    for args in (["convert", out, "-o", again], ["inspect", out], ["verify", out, out]):
+        code, _, err = run(*args)
+        assert code == 2 and "holds HasteConv nodes: it is a converted model" in err, err
+    assert not again.exists()

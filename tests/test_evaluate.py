@@ -81,3 +81,22 @@ def test_images_that_do_not_fit_the_model_fail_before_the_sweep(fashion):
     model, images, labels = fashion
     with pytest.raises(ValueError, match=r"the images are \[4, 1, 14, 14\], the model's input"):
         evaluate(model, images[:4, :, ::2, ::2], labels[:4], "fashion", planes=(8,))
+
+
+def test_labels_beyond_the_model_s_classes_are_refused(fashion):
+    model, images, labels = fashion
+    with pytest.raises(ValueError, match="the labels run from 0 to 10, the model has 10 classes"):
+        evaluate(model, images[:4], np.array([0, 1, 2, 10]), "fashion", planes=(8,))
+
+
+def test_a_model_that_does_not_classify_is_refused(fashion):
+    model, images, labels = fashion
+    features = onnx.ModelProto()
+    features.CopyFrom(model)
+    first_conv = next(n.output[0] for n in model.graph.node if n.op_type == "Conv")
+    del features.graph.output[:]
+    features.graph.output.append(
+        onnx.helper.make_tensor_value_info(first_conv, onnx.TensorProto.FLOAT, None)
+    )
+    with pytest.raises(ValueError, match="first output is \\[N, classes\\], this model's is"):
+        evaluate(features, images[:4], labels[:4], "fashion", planes=(8,))
