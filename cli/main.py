@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 fidelity failure, 2 bad usage or input.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -39,11 +40,10 @@ def _sparsity(_ctx: click.Context, _param: click.Parameter, value: str) -> float
     if value.lower() in ("dense", "none"):
         return None
     try:
-        number = (
-            float(value.split("/")[0]) / float(value.split("/")[1])
-            if "/" in value
-            else float(value)
-        )
+        parts = [float(part) for part in value.split("/")]
+        if len(parts) > 2:
+            raise ValueError(value)
+        number = parts[0] / parts[1] if len(parts) == 2 else parts[0]
     except (ValueError, ZeroDivisionError):
         raise click.BadParameter(
             f"expected a number in [0, 1), a fraction like 2/3, or 'dense', got {value!r}"
@@ -51,6 +51,16 @@ def _sparsity(_ctx: click.Context, _param: click.Parameter, value: str) -> float
     if not 0.0 <= number < 1.0:
         raise click.BadParameter(f"{value} is outside [0, 1)")
     return number
+
+
+class _Bound(click.FloatRange):
+    """A float in a closed range, and never NaN (which every comparison lets through)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{value} is not a number", param, ctx)
+        return number
 
 
 def _stack(*options: Callable[[Any], Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -181,20 +191,20 @@ _output_options = _stack(
 _tolerance_options = _stack(
     click.option(
         "--min-cosine",
-        type=float,
+        type=_Bound(-1.0, 1.0),
         default=0.95,
         show_default=True,
         help="Least cosine similarity of each output to the original's.",
     ),
     click.option(
         "--max-rel-l2",
-        type=float,
+        type=_Bound(0.0),
         default=None,
         help="Largest relative L2 error of each output (off by default).",
     ),
     click.option(
         "--min-top1",
-        type=float,
+        type=_Bound(0.0, 1.0),
         default=None,
         help="Least top-1 agreement for [N, classes] outputs (off by default).",
     ),

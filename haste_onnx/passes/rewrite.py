@@ -53,6 +53,8 @@ class HasteOptions:
             raise ValueError(f"skip_first = {self.skip_first} must be >= 0")
         if self.min_channels < 1:
             raise ValueError(f"min_channels = {self.min_channels} must be >= 1")
+        if both := sorted(set(self.include) & set(self.exclude)):
+            raise ValueError(f"{', '.join(both)}: both included and excluded")
 
 
 @dataclass(frozen=True)
