@@ -255,7 +255,8 @@ def _write_json(path: Path | None, document: dict[str, object], staging: Staging
 
 
 def _fail(message: str, code: int) -> None:
-    click.echo(click.style("error: ", fg="red", bold=True) + message, err=True)
+    one_line = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    click.echo(click.style("error: ", fg="red", bold=True) + one_line, err=True)
     sys.exit(code)
 
 

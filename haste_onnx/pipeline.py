@@ -11,7 +11,7 @@ from pathlib import Path
 import onnx
 
 from haste_onnx import inputs, ir, opdef, report, speed
-from haste_onnx.errors import InputError
+from haste_onnx.errors import HasteError, InputError
 from haste_onnx.passes.rewrite import (
     ConvDecision,
     HasteOptions,
@@ -153,7 +153,10 @@ def convert(
     say("rewriting")
     converted, decisions, plans = rewrite(original, options)
     _require_convs(original, decisions, source)
-    onnx.checker.check_model(ir.session_source(converted))
+    try:
+        onnx.checker.check_model(ir.session_source(converted))
+    except onnx.checker.ValidationError as exc:  # a defect of the rewrite, not of the input
+        raise HasteError(f"the converted model fails onnx.checker (a defect): {exc}") from None
     feeds = make_feeds(original, verify_options)
     time_ratios = None  # each converted layer's, when timed
     model_timing = None

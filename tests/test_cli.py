@@ -1,5 +1,6 @@
 """The ``haste-onnx`` command: outputs, exit codes, and one clear line for every bad input."""
 
+import builtins
 import errno
 import json
 import shutil
@@ -14,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from haste_onnx.cli.main import main
 
-from haste_onnx import pipeline
+from haste_onnx import cli, pipeline
 
 EXAMPLE = Path(__file__).parent.parent / "models" / "example.onnx"
 
@@ -142,12 +143,16 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
     (tmp_path / "images" / "a.png").write_text("not a PNG")
     (tmp_path / "zero.npy").write_bytes(b"")
     (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04garbage")
+    broken = onnx.load(EXAMPLE)
+    broken.graph.node[0].input[1] = "missing"
+    onnx.save(broken, tmp_path / "broken.onnx")
     external = onnx.load(EXAMPLE)
     onnx.save(external, tmp_path / "ext.onnx", save_as_external_data=True, location="b.onnx.data")
     return {
         "missing file": ([tmp_path / "nope.onnx"], "model file not found"),
         "not onnx": ([tmp_path / "text.onnx"], "not a readable ONNX model"),
         "truncated": ([tmp_path / "truncated.onnx"], "not a readable ONNX model"),
+        "fails onnx.checker": ([tmp_path / "broken.onnx"], "does not pass onnx.checker"),
         "no conv": ([tmp_path / "noconv.onnx"], "has no Conv node"),
         "conv in subgraph": ([tmp_path / "subgraph.onnx"], "Convs inside the subgraphs of If"),
         "all ineligible": ([tmp_path / "dynamic.onnx"], "dynamic: weight is computed at run time"),
@@ -234,6 +239,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
         "missing file",
         "not onnx",
         "truncated",
+        "fails onnx.checker",
         "no conv",
         "conv in subgraph",
         "all ineligible",
@@ -390,3 +396,17 @@ def test_a_converted_model_is_not_taken_for_an_original(example, tmp_path):
         code, _, err = run(*args)
         assert code == 2 and "holds HasteConv nodes: it is a converted model" in err, err
     assert not again.exists()
+
+
+def test_interrupt_while_importing_exits_130(monkeypatch, capsys):
+    real_import = builtins.__import__
+
+    def interrupted(name, *args, **kwargs):
+        if name == "haste_onnx.cli.main":
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        cli.run()
+    assert stop.value.code == 130 and capsys.readouterr().err == "error: interrupted\n"
