@@ -261,3 +261,14 @@ def sparse_constant_weights(seed: int = 9) -> onnx.ModelProto:
         n.nodes.append(conv)
         h = n.op("Relu", f"conv{i}.y")
     return n.model(h, ["N", 16, 8, 8])
+
+
+def shared_weight(seed: int = 10) -> onnx.ModelProto:
+    """Two Convs with one weight and one bias, in sequence (a block applied twice)."""
+    n = Net(seed, channels=16, size=8)
+    h = n.op("Relu", n.conv("x", 16, 16, name="first"))
+    first = n.nodes[-2]
+    n.nodes.append(
+        helper.make_node("Conv", [h, *first.input[1:]], ["second.y"], name="second", pads=[1] * 4)
+    )
+    return n.model("second.y", ["N", 16, 8, 8])

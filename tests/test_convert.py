@@ -164,6 +164,15 @@ def test_sparse_constant_weights_are_read(tmp_path):
     assert [p.name for p in result.layers] == ["conv0", "conv1"]
 
 
+def test_convs_sharing_a_weight_share_it_converted(tmp_path):
+    result = convert(save(graphs.shared_weight(), tmp_path), tmp_path / "out.onnx")
+    assert result.passed, result.verification.failures
+    nodes = onnx.load(tmp_path / "out.onnx").graph.node
+    assert [n.op_type for n in nodes] == ["HasteConv", "HasteConv"]
+    assert nodes[0].input[1] == nodes[1].input[1] and nodes[0].input[2] == nodes[1].input[2]
+    assert nodes[0].input[3] != nodes[1].input[3]  # each layer its own planes
+
+
 def test_weight_computed_from_the_input_is_refused_with_its_reason(tmp_path):
     src = save(graphs.runtime_weight(), tmp_path)
     with pytest.raises(InputError, match="dynamic: weight is computed at run time"):

@@ -9,6 +9,7 @@ generator and replaces the Conv node in place, keeping its name and its output t
 from __future__ import annotations
 
 import copy
+import hashlib
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -288,6 +289,19 @@ def rewrite(
     taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
     drop: set[int] = set()
     plans = []
+    made: dict[bytes, str] = {}  # the digest of each array made an initializer, and its name
+
+    def initializer(array: np.ndarray, name: str) -> str:
+        """The name of a new initializer holding ``array``; an equal one made before is shared
+        (Convs that shared a weight keep sharing it)."""
+        array = np.ascontiguousarray(array)
+        digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode() + array.tobytes())
+        key = digest.digest()
+        if key not in made:
+            made[key] = ir.unique_name(taken, name)
+            graph.initializer.append(as_initializer(array, made[key]))
+        return made[key]
+
     for site, decision in zip(sites, decisions):
         if not decision.converted:
             continue
@@ -312,13 +326,11 @@ def rewrite(
         num_planes = options.layer_planes.get(site.name, options.num_planes)
         planes = layer_planes(options, site.name, num_planes, options.tile + k - 1)
         base = node.name or node.output[0]
-        w_name = ir.unique_name(taken, f"{base}.haste.weight")
-        p_name = ir.unique_name(taken, f"{base}.haste.planes")
-        graph.initializer.extend([as_initializer(weight, w_name), as_initializer(planes, p_name)])
+        w_name = initializer(weight, f"{base}.haste.weight")
+        p_name = initializer(planes, f"{base}.haste.planes")
         b_name = None
         if bias is not None:
-            b_name = ir.unique_name(taken, f"{base}.haste.bias")
-            graph.initializer.append(as_initializer(bias.astype(np.float32), b_name))
+            b_name = initializer(bias.astype(np.float32), f"{base}.haste.bias")
         pads = _explicit_pads(node, k)
         assert pads is not None
         haste = opdef.make_node(
