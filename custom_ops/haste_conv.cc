@@ -20,6 +20,12 @@ namespace haste_onnx {
 namespace {
 
 constexpr int64_t kMaxPlanes = 63;  // codes are 64-bit
+// The largest tile edge T: T*T = 2^20 outputs per tile, far beyond any useful tile (the CLI
+// allows 1 to 64), and small enough that no size of a tile comes near overflowing.
+constexpr int64_t kMaxTile = 1024;
+
+// Channels are hashed kHashBlock at a time, their projections summed in registers.
+constexpr int64_t kHashBlock = 32;
 
 // Where a run's time goes (benchmarks/profile_layer.py). Built with -DHASTE_PROFILE=ON, the
 // kernel adds the clock ticks of each phase of its runs, and counts of the work done, to totals
@@ -99,12 +105,29 @@ struct Geometry {
   int64_t out_h, out_w, tiles_y, tiles_x;
 };
 
+// Accumulators of the convolution kernel: at most kMaxPixels output pixels of one tile, each one
+// vector register of output channels, plus registers for the filter and the input (16 on x86-64).
+constexpr int64_t kMaxPixels = 12;
+
+// How a tile's T*T output pixels split into groups of `pixels` (padded) for the kernel.
+struct PixelGroups {
+  int64_t groups, pixels;
+};
+
+PixelGroups SplitPixels(int64_t tile) {
+  const int64_t total = tile * tile, groups = (total + kMaxPixels - 1) / kMaxPixels;
+  return {groups, (total + groups - 1) / groups};
+}
+
 Geometry MakeGeometry(const Shape& x, const Shape& w, const HasteConvAttributes& attrs) {
   if (x.size() != 4) Fail("X must be 4-D [N, C, H, W], got shape " + ToString(x));
   if (w.size() != 4) Fail("W must be 4-D [M, C, K, K], got shape " + ToString(w));
   if (x[0] < 1) Fail("X has an empty batch: shape " + ToString(x));
   if (x[1] < 1 || w[0] < 1) {
     Fail("X and W need at least one channel: X shape " + ToString(x) + ", W shape " + ToString(w));
+  }
+  if (x[1] > std::numeric_limits<int32_t>::max()) {  // channels are numbered in int32
+    Fail("X has " + std::to_string(x[1]) + " channels, more than the 2^31 - 1 supported");
   }
   if (w[1] != x[1]) {
     Fail("W has " + std::to_string(w[1]) + " input channels but X has " + std::to_string(x[1]) +
@@ -116,20 +139,46 @@ Geometry MakeGeometry(const Shape& x, const Shape& w, const HasteConvAttributes&
          ToString(w));
   }
   const auto& p = attrs.pads;
+  // Every size a run computes from the shapes, checked: huge dimensions or pads must fail here,
+  // not overflow later.
+  auto overflow = [&] {
+    Fail("the sizes overflow 64-bit integers: X shape " + ToString(x) + ", W shape " + ToString(w) +
+         ", pads " + ToString({p[0], p[1], p[2], p[3]}) + ", tile " + std::to_string(attrs.tile));
+  };
+  auto add = [&](int64_t a, int64_t b) {
+    int64_t sum;
+    if (__builtin_add_overflow(a, b, &sum)) overflow();
+    return sum;
+  };
+  auto mul = [&](int64_t a, int64_t b) {
+    int64_t product;
+    if (__builtin_mul_overflow(a, b, &product)) overflow();
+    return product;
+  };
   Geometry g{};
   g.n = x[0], g.c = x[1], g.h = x[2], g.w = x[3];
   g.m = w[0], g.k = w[2];
   g.pad_top = p[0], g.pad_left = p[1];
   g.tile = attrs.tile;
-  g.patch = g.tile + g.k - 1;
-  g.out_h = g.h + p[0] + p[2] - g.k + 1;
-  g.out_w = g.w + p[1] + p[3] - g.k + 1;
+  g.patch = add(g.tile, g.k - 1);
+  g.out_h = add(add(g.h, p[0]), p[2]) - (g.k - 1);
+  g.out_w = add(add(g.w, p[1]), p[3]) - (g.k - 1);
   if (g.out_h < 1 || g.out_w < 1) {
     Fail("the output would be empty: X shape " + ToString(x) + ", W shape " + ToString(w) +
          ", pads " + ToString({p[0], p[1], p[2], p[3]}));
   }
-  g.tiles_y = (g.out_h + g.tile - 1) / g.tile;
-  g.tiles_x = (g.out_w + g.tile - 1) / g.tile;
+  g.tiles_y = add(g.out_h, g.tile - 1) / g.tile;
+  g.tiles_x = add(g.out_w, g.tile - 1) / g.tile;
+  // Y, one image and the batch; the band (FillBand) and HashPatch's scratch; W packed; a row of
+  // tiles' inputs (RunJob: per_bucket floats per bucket, at most C buckets per tile).
+  mul(g.n, mul(g.m, mul(g.out_h, g.out_w)));
+  mul(mul(g.c, g.patch), add(mul(g.tiles_x, g.tile), g.k - 1));
+  const int64_t p2 = mul(g.patch, g.patch), taps = mul(g.k, g.k);
+  mul(p2, kHashBlock);
+  mul(mul(add(g.m, FilterLanes() - 1), g.c), taps);
+  const PixelGroups split = SplitPixels(g.tile);  // T <= kMaxTile: T*T is small
+  const int64_t per_bucket = std::max(p2, mul(mul(split.groups, taps), split.pixels));
+  mul(mul(g.tiles_x, g.c), per_bucket);
   return g;
 }
 
@@ -176,9 +225,6 @@ void GatherPatch(const Geometry& g, const float* band, int64_t tx, float* patch)
     std::copy(src, src + g.patch, patch);
   }
 }
-
-// Channels are hashed kHashBlock at a time, their projections summed in registers.
-constexpr int64_t kHashBlock = 32;
 
 // The non-zero entries of the hyperplanes [L, D], plane by plane: zero entries add exactly
 // nothing to a projection, and a list skips them without a branch per entry.
@@ -313,20 +359,6 @@ void HashPatch(const float* patch, int64_t channels, int64_t dim, const SparsePl
   if (HasAvx2()) return HashPatchAvx2(patch, channels, dim, planes, sum, centered, codes);
 #endif
   HashPatchWith<2>(patch, channels, dim, planes, sum, centered, codes);
-}
-
-// Accumulators of the convolution kernel: at most kMaxPixels output pixels of one tile, each one
-// vector register of output channels, plus registers for the filter and the input (16 on x86-64).
-constexpr int64_t kMaxPixels = 12;
-
-// How a tile's T*T output pixels split into groups of `pixels` (padded) for the kernel.
-struct PixelGroups {
-  int64_t groups, pixels;
-};
-
-PixelGroups SplitPixels(int64_t tile) {
-  const int64_t total = tile * tile, groups = (total + kMaxPixels - 1) / kMaxPixels;
-  return {groups, (total + groups - 1) / groups};
 }
 
 // One run's inputs and output, shared read-only by the work items (except `failed`).
@@ -1145,7 +1177,10 @@ HasteConvAttributes ReadAttributes(const Ort::ConstKernelInfo& info) {
     Fail("group must be 1 (grouped convolution is not supported), got " + std::to_string(group));
   }
   attrs.tile = AttributeOr<int64_t>(info, "tile", 3);
-  if (attrs.tile < 1) Fail("tile must be >= 1, got " + std::to_string(attrs.tile));
+  if (attrs.tile < 1 || attrs.tile > kMaxTile) {
+    Fail("tile must be in [1, " + std::to_string(kMaxTile) + "], got " +
+         std::to_string(attrs.tile));
+  }
   const std::string activation = AttributeOr<std::string>(info, "activation", "");
   if (activation != "" && activation != "Relu") {
     Fail("activation must be \"\" or \"Relu\", got \"" + activation + "\"");
@@ -1272,7 +1307,7 @@ extern "C" int HasteConvTileCodes(const float* x, const int64_t* x_shape, const 
                                   const int64_t* pads, uint64_t* codes) {
   using namespace haste_onnx;
   try {
-    if (num_planes < 0 || num_planes > kMaxPlanes || tile < 1) return 1;
+    if (num_planes < 0 || num_planes > kMaxPlanes || tile < 1 || tile > kMaxTile) return 1;
     HasteConvAttributes attrs;
     attrs.tile = tile;
     std::copy(pads, pads + 4, attrs.pads.begin());

@@ -14,6 +14,8 @@ DOMAIN = "haste_onnx"
 OPSET_VERSION = 1
 OP_TYPE = "HasteConv"
 DEFAULT_TILE = 3
+MAX_TILE = 1024
+"""The largest tile edge the operator accepts (``docs/operator.md``)."""
 ACTIVATIONS = ("", "Relu")
 
 

@@ -442,6 +442,21 @@ INVALID = {
         np.ones((1, 3, 2, 8), np.float32),
         r"the output would be empty: X shape \[1, 3, 2, 8\]",
     ),
+    "tile too large": (  # P*P overflowed, and SplitPixels divided by zero
+        haste_model(_W, np.zeros((0, 0), np.float32), tile=2**32 - 2),
+        _X,
+        r"tile must be in \[1, 1024\], got 4294967294",
+    ),
+    "output size overflows": (
+        haste_model(_W, _PLANES, pads=(0, 0, 0, 2**62)),
+        _X,
+        r"the sizes overflow 64-bit integers: .* pads \[0, 0, 0, 4611686018427387904\], tile 3",
+    ),
+    "pads overflow": (  # H + pads wrapped around
+        haste_model(_W, _PLANES, pads=(2**62,) * 4),
+        _X,
+        r"the sizes overflow 64-bit integers: X shape \[1, 3, 8, 8\]",
+    ),
 }
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from haste_onnx.hashing import bucket_labels, center, check_num_planes, hash_codes
+from haste_onnx.opdef import MAX_TILE
 
 _CHUNK_ELEMENTS = 1 << 22
 """Upper bound on the elements of the per-chunk merged-filter tensor (float64)."""
@@ -49,9 +50,15 @@ class Geometry:
         return self.tile + self.kernel - 1
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+def _check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
+        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be an integer {bounds}, got {value!r}")
     return int(value)
 
 
@@ -80,14 +87,22 @@ def geometry(
         raise ValueError(f"pads must be [top, left, bottom, right], got {list(pads)}")
     for p in pads:
         _check_int("each pad", p, 0)
-    tile = _check_int("tile (T)", tile, 1)
+    tile = _check_int("tile (T)", tile, 1, MAX_TILE)
     pt, pl, pb, pr = (int(p) for p in pads)
     out_h, out_w = h + pt + pb - kh + 1, w + pl + pr - kw + 1
     if out_h < 1 or out_w < 1:
         raise ValueError(
             f"output would be empty: input {h}x{w}, pads {list(pads)}, kernel {kh}x{kw}"
         )
-    return Geometry(kh, tile, out_h, out_w, -(-out_h // tile), -(-out_w // tile))
+    tiles_y, tiles_x = -(-out_h // tile), -(-out_w // tile)
+    # The zero-padded input the tiles read (extract_patches) and Y, of one image and of the batch.
+    rows, cols = tiles_y * tile + kh - 1, tiles_x * tile + kw - 1
+    if n * max(c, m) * rows * cols > np.iinfo(np.int64).max:
+        raise ValueError(
+            f"the sizes overflow 64-bit integers: X shape {tuple(x_shape)}, "
+            f"W shape {tuple(w_shape)}, pads {list(pads)}, tile {tile}"
+        )
+    return Geometry(kh, tile, out_h, out_w, tiles_y, tiles_x)
 
 
 def extract_patches(x: np.ndarray, geo: Geometry, pads: Sequence[int]) -> np.ndarray:
