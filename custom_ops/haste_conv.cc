@@ -7,6 +7,7 @@
 #include <limits>
 #include <new>
 #include <numeric>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <type_traits>
@@ -1135,39 +1136,94 @@ Shape FloatShape(const Ort::ConstValue& value, const char* name) {
   return info.GetShape();
 }
 
-template <typename T>
-T AttributeOr(const Ort::ConstKernelInfo& info, const char* name, T fallback) {
-  try {
-    return info.GetAttribute<T>(name);
-  } catch (const Ort::Exception&) {
-    return fallback;  // absent
+// The types an attribute can have, as far as onnxruntime's getters tell them apart.
+enum class AttributeType { kAbsent, kInt, kFloat, kString, kInts, kFloats, kTensor, kEmptyList };
+
+const char* Describe(AttributeType type) {
+  switch (type) {
+    case AttributeType::kAbsent: return "no attribute";
+    case AttributeType::kInt: return "an int";
+    case AttributeType::kFloat: return "a float";
+    case AttributeType::kString: return "a string";
+    case AttributeType::kInts: return "ints";
+    case AttributeType::kFloats: return "floats";
+    case AttributeType::kTensor: return "a tensor";
+    default: return "an empty list or an attribute of another type";
   }
 }
 
-Shape IntsOr(const Ort::ConstKernelInfo& info, const char* name, Shape fallback) {
+// Whether `read` succeeds: an onnxruntime getter fails by throwing.
+template <typename Read>
+bool Reads(Read read) {
   try {
-    return info.GetAttributes<int64_t>(name);
+    read();
+    return true;
   } catch (const Ort::Exception&) {
-    return fallback;  // absent
+    return false;
+  }
+}
+
+// The type of attribute `name`. onnxruntime does not check the types of a custom op's attributes
+// and has no call that tells whether one is present: a getter fails when the attribute is absent,
+// the getter of a single value also when it has another type, and the list getters read an
+// attribute of another type as an empty list (kEmptyList: an empty list, or a type that no getter
+// reads, such as strings). So the attribute is absent only if no getter reads it.
+AttributeType TypeOf(const Ort::ConstKernelInfo& info, const char* name) {
+  if (Reads([&] { info.GetAttribute<int64_t>(name); })) return AttributeType::kInt;
+  if (Reads([&] { info.GetAttribute<float>(name); })) return AttributeType::kFloat;
+  if (Reads([&] { info.GetAttribute<std::string>(name); })) return AttributeType::kString;
+  Shape ints;
+  std::vector<float> floats;
+  const bool int_list = Reads([&] { ints = info.GetAttributes<int64_t>(name); });
+  const bool float_list = Reads([&] { floats = info.GetAttributes<float>(name); });
+  if (!ints.empty()) return AttributeType::kInts;
+  if (!floats.empty()) return AttributeType::kFloats;
+  if (int_list || float_list) return AttributeType::kEmptyList;
+  Ort::AllocatorWithDefaultOptions allocator;
+  if (Reads([&] { info.GetTensorAttribute(name, allocator); })) return AttributeType::kTensor;
+  return AttributeType::kAbsent;
+}
+
+// Attribute `name` of type T (int64_t or std::string), or `fallback` when it is absent; fails
+// naming the attribute when it has another type.
+template <typename T>
+T AttributeOr(const Ort::ConstKernelInfo& info, const char* name, T fallback) {
+  T value;
+  if (Reads([&] { value = info.GetAttribute<T>(name); })) return value;
+  const AttributeType type = TypeOf(info, name);
+  if (type == AttributeType::kAbsent) return fallback;
+  Fail(std::string(name) + " must be " + (std::is_same_v<T, int64_t> ? "an int" : "a string") +
+       ", got " + Describe(type));
+}
+
+// Attribute `name` of type ints, or nothing when it is absent; fails naming the attribute when it
+// has another type. An empty list reads as [].
+std::optional<Shape> Ints(const Ort::ConstKernelInfo& info, const char* name) {
+  const AttributeType type = TypeOf(info, name);
+  switch (type) {
+    case AttributeType::kAbsent: return std::nullopt;
+    case AttributeType::kInts: return info.GetAttributes<int64_t>(name);
+    case AttributeType::kEmptyList: return Shape{};
+    default: Fail(std::string(name) + " must be ints, got " + Describe(type));
   }
 }
 
 HasteConvAttributes ReadAttributes(const Ort::ConstKernelInfo& info) {
   HasteConvAttributes attrs;
-  const Shape kernel_shape = IntsOr(info, "kernel_shape", {});
-  if (!kernel_shape.empty()) {
-    if (kernel_shape.size() != 2 || kernel_shape[0] != kernel_shape[1] || kernel_shape[0] < 1) {
-      Fail("kernel_shape must be [K, K] with K >= 1, got " + ToString(kernel_shape));
+  if (const std::optional<Shape> kernel_shape = Ints(info, "kernel_shape")) {
+    const Shape& k = *kernel_shape;
+    if (k.size() != 2 || k[0] != k[1] || k[0] < 1) {
+      Fail("kernel_shape must be [K, K] with K >= 1, got " + ToString(k));
     }
-    attrs.kernel = kernel_shape[0];
+    attrs.kernel = k[0];
   }
-  const Shape pads = IntsOr(info, "pads", {0, 0, 0, 0});
+  const Shape pads = Ints(info, "pads").value_or(Shape{0, 0, 0, 0});
   if (pads.size() != 4 || *std::min_element(pads.begin(), pads.end()) < 0) {
     Fail("pads must be four non-negative values [top, left, bottom, right], got " + ToString(pads));
   }
   std::copy(pads.begin(), pads.end(), attrs.pads.begin());
   for (const char* name : {"strides", "dilations"}) {
-    const Shape values = IntsOr(info, name, {1, 1});
+    const Shape values = Ints(info, name).value_or(Shape{1, 1});
     if (values != Shape{1, 1}) {
       Fail(std::string(name) + " must be [1, 1] (only 1 is supported), got " + ToString(values));
     }

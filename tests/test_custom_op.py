@@ -18,12 +18,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
 
 import haste_onnx
 from haste_onnx.hashing import make_planes
 from haste_onnx.opdef import DOMAIN, make_node
-from haste_onnx.reference import haste_conv
+from haste_onnx.reference import HasteConv, haste_conv
 from haste_onnx.reference.haste_conv import extract_patches, geometry
 from haste_onnx.runtime import get_library_path, make_session
 
@@ -60,7 +61,10 @@ def haste_model(
         activation=activation,
     )
     attributes = [a for a in node.attribute if a.name not in overrides]
-    attributes += [helper.make_attribute(name, value) for name, value in overrides.items()]
+    attributes += [
+        value if isinstance(value, onnx.AttributeProto) else helper.make_attribute(name, value)
+        for name, value in overrides.items()
+    ]
     del node.attribute[:]
     node.attribute.extend(attributes)
     constants = {"W": w, "planes": planes} | ({} if bias is None else {"B": bias})
@@ -467,6 +471,39 @@ def test_invalid_input_fails_with_message(name: str) -> None:
         run(model, x)
     # the process survives and the operator still works
     assert run(haste_model(_W, _PLANES), _X).shape == (1, 4, 6, 6)
+
+
+# Attributes of the wrong type, which onnxruntime does not check: the kernel read them as absent.
+# And empty lists, which the reference read as absent.
+WRONG_ATTRIBUTES = {
+    "activation strings": ("activation", ["Relu"], "activation must be a string, got"),
+    "activation int": ("activation", 1, "activation must be a string, got an int"),
+    "group float": ("group", 2.0, "group must be an int, got a float"),
+    "group ints": ("group", [2], "group must be an int, got ints"),
+    "tile float": ("tile", 4.0, "tile must be an int, got a float"),
+    "kernel_shape floats": ("kernel_shape", [5.0, 5.0], "kernel_shape must be ints, got floats"),
+    "strides floats": ("strides", [2.0, 2.0], "strides must be ints, got floats"),
+    "empty pads": (
+        "pads",
+        helper.make_attribute("pads", [], attr_type=onnx.AttributeProto.INTS),
+        r"pads must be .*, got \[\]",
+    ),
+    "empty strides": (
+        "strides",
+        helper.make_attribute("strides", [], attr_type=onnx.AttributeProto.INTS),
+        r"strides must be .*, got \[\]",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", WRONG_ATTRIBUTES)
+def test_wrong_attribute_fails_in_both_implementations(name: str) -> None:
+    attribute, value, message = WRONG_ATTRIBUTES[name]
+    model = haste_model(_W, _PLANES, overrides={attribute: value})
+    with pytest.raises(ORT_ERRORS, match="HasteConv: " + message):
+        session(model)
+    with pytest.raises(ValueError, match=message):  # and so does the reference
+        ReferenceEvaluator(model, new_ops=[HasteConv]).run(None, {"X": _X})
 
 
 # --- the Python side --------------------------------------------------------------------------

@@ -3,10 +3,31 @@
 from __future__ import annotations
 
 import numpy as np
+from onnx import AttributeProto
 from onnx.reference.op_run import OpRun
 
 from haste_onnx.opdef import ACTIVATIONS, DEFAULT_TILE, DOMAIN
 from haste_onnx.reference.haste_conv import haste_conv
+
+_TYPES = {
+    "kernel_shape": AttributeProto.INTS,
+    "pads": AttributeProto.INTS,
+    "strides": AttributeProto.INTS,
+    "dilations": AttributeProto.INTS,
+    "group": AttributeProto.INT,
+    "tile": AttributeProto.INT,
+    "activation": AttributeProto.STRING,
+}
+_NAMES = {
+    AttributeProto.INT: "an int",
+    AttributeProto.FLOAT: "a float",
+    AttributeProto.STRING: "a string",
+    AttributeProto.TENSOR: "a tensor",
+}
+
+
+def _type_name(attribute_type: int) -> str:
+    return _NAMES.get(attribute_type, AttributeProto.AttributeType.Name(attribute_type).lower())
 
 
 class HasteConv(OpRun):
@@ -28,6 +49,13 @@ class HasteConv(OpRun):
     ) -> tuple[np.ndarray]:
         if planes is None:
             raise ValueError("HasteConv needs the planes input")
+        for attribute in self.onnx_node.attribute:  # onnx converts values of any type
+            expected = _TYPES.get(attribute.name)
+            if expected is not None and attribute.type != expected:
+                raise ValueError(
+                    f"HasteConv: {attribute.name} must be {_type_name(expected)}, "
+                    f"got {_type_name(attribute.type)}"
+                )
         if isinstance(activation, bytes):
             activation = activation.decode()
         if activation not in ACTIVATIONS:
@@ -35,7 +63,7 @@ class HasteConv(OpRun):
                 f"HasteConv: activation must be one of {ACTIVATIONS}, got {activation!r}"
             )
         for name, value in (("strides", strides), ("dilations", dilations)):
-            if value is not None and any(v != 1 for v in value):
+            if value is not None and list(value) != [1, 1]:
                 raise ValueError(f"HasteConv: {name} must be 1, got {list(value)}")
         if group != 1:
             raise ValueError(f"HasteConv: group must be 1, got {group}")
@@ -44,7 +72,13 @@ class HasteConv(OpRun):
                 f"HasteConv: kernel_shape {list(kernel_shape)} does not match W shape {W.shape}"
             )
         y = haste_conv(
-            X, W, planes, B, pads=pads or (0, 0, 0, 0), tile=tile, relu=activation == "Relu"
+            X,
+            W,
+            planes,
+            B,
+            pads=(0, 0, 0, 0) if pads is None else pads,
+            tile=tile,
+            relu=activation == "Relu",
         )
         assert isinstance(y, np.ndarray)  # no statistics were asked for
         return (y,)
