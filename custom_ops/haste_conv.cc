@@ -123,7 +123,6 @@ PixelGroups SplitPixels(int64_t tile) {
 Geometry MakeGeometry(const Shape& x, const Shape& w, const HasteConvAttributes& attrs) {
   if (x.size() != 4) Fail("X must be 4-D [N, C, H, W], got shape " + ToString(x));
   if (w.size() != 4) Fail("W must be 4-D [M, C, K, K], got shape " + ToString(w));
-  if (x[0] < 1) Fail("X has an empty batch: shape " + ToString(x));
   if (x[1] < 1 || w[0] < 1) {
     Fail("X and W need at least one channel: X shape " + ToString(x) + ", W shape " + ToString(w));
   }
@@ -1330,6 +1329,9 @@ void HasteConvKernel::Compute(const Ort::KernelContext& context) const {
     }
   }
 
+  Ort::UnownedValue y = context.GetOutput(0, {g.n, g.m, g.out_h, g.out_w});
+  if (g.n == 0) return;  // an empty batch: Y is empty, as Conv's
+
   // W as packed when the session was created, or packed now if it was not a constant then.
   PackedFilters packed_now;
   const PackedFilters* packed = &packed_;
@@ -1340,7 +1342,6 @@ void HasteConvKernel::Compute(const Ort::KernelContext& context) const {
 
   const SparsePlanes sparse_planes(planes.GetTensorData<float>(), planes_shape[0], p2);
 
-  Ort::UnownedValue y = context.GetOutput(0, {g.n, g.m, g.out_h, g.out_w});
   Job job{g,
           SplitPixels(g.tile),
           g.tile == 3 && g.k == 3,

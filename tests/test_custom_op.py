@@ -416,10 +416,10 @@ INVALID = {
         _X,
         r"planes must be float32, got int64",
     ),
-    "empty batch": (
-        haste_model(_W, _PLANES),
-        np.ones((0, 3, 8, 8), np.float32),
-        r"X has an empty batch: shape \[0, 3, 8, 8\]",
+    "no channels": (  # Conv refuses too (with its default optimizations)
+        haste_model(np.ones((4, 0, 3, 3), np.float32), _PLANES),
+        np.ones((1, 0, 8, 8), np.float32),
+        r"X and W need at least one channel: X shape \[1, 0, 8, 8\]",
     ),
     "bias length": (
         haste_model(_W, _PLANES, np.ones(5, np.float32)),
@@ -471,6 +471,19 @@ def test_invalid_input_fails_with_message(name: str) -> None:
         run(model, x)
     # the process survives and the operator still works
     assert run(haste_model(_W, _PLANES), _X).shape == (1, 4, 6, 6)
+
+
+def test_empty_batch_gives_empty_output_as_conv() -> None:
+    rng = np.random.default_rng(13)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(4).astype(np.float32)
+    pads = (1, 0, 2, 1)
+    x = np.zeros((0, 3, 8, 7), np.float32)
+    y = run(haste_model(w, make_planes(14, 25, 2 / 3, rng), bias, pads=pads, activation="Relu"), x)
+    expected = run(conv_model(w, pads), x)
+    assert y.shape == expected.shape == (0, 4, 9, 6)
+    assert y.dtype == np.float32
+    assert haste_conv(x, w, make_planes(14, 25), bias, pads=pads).shape == (0, 4, 9, 6)
 
 
 # Attributes of the wrong type, which onnxruntime does not check: the kernel read them as absent.

@@ -127,7 +127,7 @@ def test_relu_and_bias_are_applied_after_the_merge():
         ({"planes": make_planes(4, 9, rng=0)}, r"\[L, 25\]"),
         ({"w": np.zeros((6, 5, 3, 3), np.float32)}, "W has 5 input channels but X has 8"),
         ({"w": np.zeros((6, 8, 3, 2), np.float32)}, "square"),
-        ({"x": np.zeros((0, 8, 10, 11), np.float32)}, "empty batch"),
+        ({"x": np.zeros((1, 0, 10, 11), np.float32)}, "at least one channel"),
         ({"x": np.zeros((1, 8, 10, 11), np.float64)}, "float32"),
         ({"bias": np.zeros(5, np.float32)}, r"B must have shape \[6\]"),
         ({"pads": (1, 1, 1)}, "pads"),
@@ -146,6 +146,17 @@ def test_argument_errors_name_the_argument(change, message):
     tile = args.pop("tile", 3)
     with pytest.raises(ValueError, match=message):
         haste_conv(args["x"], args["w"], args["planes"], args["bias"], pads=args["pads"], tile=tile)
+
+
+def test_empty_batch_gives_empty_output_and_statistics():
+    rng = np.random.default_rng(9)
+    x, w = random_case(rng, n=0)
+    planes = make_planes(6, 25, rng=1)
+    y, stats = haste_conv(x, w, planes, pads=(1, 1, 1, 1), return_stats=True)
+    assert y.shape == (0, 6, 10, 11) and y.dtype == np.float32
+    assert stats.codes.shape == (0, 4, 4, 8)
+    assert stats.num_buckets.shape == stats.merging_buckets.shape == (0, 4, 4)
+    assert hash_stats(x, planes, kernel=3, pads=(1, 1, 1, 1)).codes.shape == (0, 4, 4, 8)
 
 
 def _model_with_haste_nodes(rng):

@@ -72,8 +72,6 @@ def geometry(
         raise ValueError(f"W must be 4-D [M, C, K, K], got shape {tuple(w_shape)}")
     n, c, h, w = x_shape
     m, cw, kh, kw = w_shape
-    if n < 1:
-        raise ValueError(f"X has an empty batch: shape {tuple(x_shape)}")
     if c < 1 or m < 1:
         raise ValueError(f"X and W need at least one channel: X {x_shape}, W {w_shape}")
     if cw != c:
@@ -97,7 +95,7 @@ def geometry(
     tiles_y, tiles_x = -(-out_h // tile), -(-out_w // tile)
     # The zero-padded input the tiles read (extract_patches) and Y, of one image and of the batch.
     rows, cols = tiles_y * tile + kh - 1, tiles_x * tile + kw - 1
-    if n * max(c, m) * rows * cols > np.iinfo(np.int64).max:
+    if max(n, 1) * max(c, m) * rows * cols > np.iinfo(np.int64).max:
         raise ValueError(
             f"the sizes overflow 64-bit integers: X shape {tuple(x_shape)}, "
             f"W shape {tuple(w_shape)}, pads {list(pads)}, tile {tile}"
@@ -236,7 +234,7 @@ def _convolve(
     w_flat = w.astype(np.float64).reshape(m, c, -1).transpose(1, 0, 2).reshape(c, -1)
     t2 = geo.tile * geo.tile
     out = np.empty((patches.shape[0], m, t2), dtype=np.float64)
-    per_patch = m * int(num_buckets.max()) * geo.kernel * geo.kernel + c * c
+    per_patch = m * int(num_buckets.max(initial=1)) * geo.kernel * geo.kernel + c * c
     step = max(1, _CHUNK_ELEMENTS // per_patch)
     for start in range(0, patches.shape[0], step):
         sl = slice(start, start + step)
