@@ -54,10 +54,42 @@ def make_planes(
     return planes
 
 
+def sparse_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` in float64, each sum over the terms whose factors are both non-zero.
+
+    A zero factor drops its term even where the other factor is NaN or ±Inf (IEEE arithmetic
+    makes that product NaN), as a sum over a sparse operand's non-zero entries does: the C++
+    kernel's projections over each plane's non-zero entries, its bucket sums over the bucket's
+    channels. A sum is then NaN if a term is NaN or the terms hold both +Inf and -Inf, else ±Inf
+    if a term is, else the finite sum. Non-finite values may be in ``a`` or in ``b``, not in both.
+    Only operands with non-finite values cost more than ``a @ b``.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    a_finite, b_finite = np.isfinite(a), np.isfinite(b)
+    if a_finite.all():
+        if b_finite.all():
+            return a @ b
+        return np.swapaxes(sparse_matmul(np.swapaxes(b, -1, -2), np.swapaxes(a, -1, -2)), -1, -2)
+
+    def meet(in_a: np.ndarray, in_b: np.ndarray) -> np.ndarray:  # any term with both factors?
+        return (in_a.astype(np.float64) @ in_b.astype(np.float64)) > 0
+
+    out = np.where(a_finite, a, 0.0) @ b
+    plus = meet(a == np.inf, b > 0) | meet(a == -np.inf, b < 0)
+    minus = meet(a == np.inf, b < 0) | meet(a == -np.inf, b > 0)
+    out[plus] = np.inf
+    out[minus] = -np.inf
+    out[meet(np.isnan(a), b != 0) | (plus & minus)] = np.nan
+    return out
+
+
 def hash_codes(vectors: np.ndarray, planes: np.ndarray) -> np.ndarray:
     """64-bit LSH codes of ``vectors [..., D]`` against ``planes [L, D]`` -> uint64 ``[...]``.
 
-    ``bit_l = dot(planes[l], v) > 0`` (exactly 0 gives 0), summed in float64.
+    ``bit_l = dot(planes[l], v) > 0`` (exactly 0 gives 0, and so does NaN), summed in float64
+    over the non-zero entries of ``planes[l]`` (:func:`sparse_matmul`: a NaN or ±Inf in ``v``
+    where the plane is 0 does not count).
     """
     planes = np.asarray(planes)
     if planes.ndim != 2:
@@ -67,7 +99,7 @@ def hash_codes(vectors: np.ndarray, planes: np.ndarray) -> np.ndarray:
         raise ValueError(
             f"vectors have length {vectors.shape[-1]} but planes have length {planes.shape[1]}"
         )
-    proj = np.asarray(vectors, dtype=np.float64) @ planes.astype(np.float64).T
+    proj = sparse_matmul(vectors, planes.T)
     bits = (proj > 0).astype(np.uint64)
     weights = np.left_shift(np.uint64(1), np.arange(planes.shape[0], dtype=np.uint64))
     return (bits * weights).sum(axis=-1, dtype=np.uint64)
@@ -82,7 +114,8 @@ def center(vectors: np.ndarray) -> np.ndarray:
     as exact zeros (bit 0) instead of rounding noise. The sum runs over the channels in order.
     """
     v = np.asarray(vectors, dtype=np.float64)
-    return v.shape[-2] * v - v.sum(axis=-2, keepdims=True)
+    with np.errstate(invalid="ignore"):  # Inf - Inf: a position that holds ±Inf is NaN or ±Inf
+        return v.shape[-2] * v - v.sum(axis=-2, keepdims=True)
 
 
 def bucket_labels(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -331,6 +331,35 @@ def test_one_hot_inputs_give_exactly_conv() -> None:
         np.testing.assert_array_equal(haste.run(None, {"X": image})[0], expected)
 
 
+@pytest.mark.parametrize(
+    "values",
+    [{(0, 2, 4, 4): np.nan}, {(0, 5, 9, 1): np.inf, (1, 1, 1, 10): -np.inf}],
+    ids=["nan", "inf"],
+)
+def test_non_finite_inputs_agree_with_reference_and_conv(values: dict) -> None:
+    """A NaN or ±Inf in X: both implementations hash and merge over non-zero terms only, so they
+    agree on every code and output; the outputs that read it are non-finite exactly where Conv's
+    are (NaN where Conv's are NaN for a NaN), and the tile's other outputs stay finite."""
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((2, 8, 12, 12)).astype(np.float32)
+    for index, value in values.items():
+        x[index] = value
+    w = rng.standard_normal((5, 8, 3, 3)).astype(np.float32)
+    pads = (1, 1, 1, 1)
+    with np.errstate(invalid="ignore"):  # its error over all outputs is NaN: not used here
+        cmp = Comparison(x, w, make_planes(14, 25, 2 / 3, rng), pads=pads)
+    assert cmp.codes_agreeing == cmp.codes_total
+    conv = run(conv_model(w, pads), x)
+    finite = np.isfinite(conv)
+    assert (~finite).sum() == 9 * 5 * len(values)  # the 3x3 outputs that read each, 5 channels
+    for y in (cmp.y, cmp.y_ref):
+        np.testing.assert_array_equal(np.isfinite(y), finite)
+    np.testing.assert_array_equal(cmp.y[~finite], cmp.y_ref[~finite])  # NaN, or Inf of one sign
+    if any(np.isnan(v) for v in values.values()):
+        np.testing.assert_array_equal(np.isnan(cmp.y), ~finite)
+    assert relative_l2(cmp.y[finite], cmp.y_ref[finite]) <= 1e-5
+
+
 # --- threads ----------------------------------------------------------------------------------
 
 

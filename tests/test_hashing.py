@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from haste_onnx.hashing import bucket_labels, center, hash_codes, make_planes
+from haste_onnx.hashing import bucket_labels, center, hash_codes, make_planes, sparse_matmul
 
 
 def test_planes_are_seed_deterministic():
@@ -70,6 +70,28 @@ def test_zero_projection_gives_bit_zero_and_zero_planes_are_legal():
     planes = np.array([[1, -1, 0], [0, 0, 0]], dtype=np.float32)
     codes = hash_codes(np.array([[2.0, 2.0, 5.0], [3.0, 1.0, 0.0]]), planes)
     np.testing.assert_array_equal(codes, [0, 1])
+
+
+def test_non_finite_values_count_only_where_the_plane_is_not_zero():
+    """As the C++ kernel sums each projection over the plane's non-zero entries: a NaN or ±Inf
+    under a zero entry does not make the projection NaN; a NaN projection gives bit 0."""
+    planes = np.array([[1, 0, 0], [0, 1, -1], [1, 1, 0], [-1, 0, 1]], dtype=np.float32)
+    vectors = np.array(
+        [[np.nan, 2, 1], [np.inf, -1, 3], [np.inf, -np.inf, 0], [-np.inf, 0, 5]], dtype=np.float64
+    )
+    # projections: [NaN, 1, NaN, NaN], [Inf, -4, Inf, -Inf], [Inf, -Inf, NaN, -Inf],
+    # [-Inf, -5, -Inf, Inf]
+    np.testing.assert_array_equal(hash_codes(vectors, planes), [0b0010, 0b0101, 0b0001, 0b1000])
+
+
+def test_sparse_matmul_drops_terms_with_a_zero_factor():
+    onehot = np.array([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    v = np.array([[np.nan, 1.0], [2.0, np.inf], [3.0, -np.inf]])
+    # bucket sums: NaN stays in its bucket; +Inf and -Inf only meet where both are summed
+    np.testing.assert_array_equal(sparse_matmul(onehot, v), [[np.nan, -np.inf], [2.0, np.inf]])
+    np.testing.assert_array_equal(sparse_matmul(v.T, onehot.T), [[np.nan, 2.0], [-np.inf, np.inf]])
+    finite = np.arange(6.0).reshape(3, 2)
+    np.testing.assert_array_equal(sparse_matmul(onehot, finite), onehot @ finite)
 
 
 def test_centering_is_c_times_the_deviation_from_the_channel_mean_per_position():

@@ -12,7 +12,13 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from haste_onnx.hashing import bucket_labels, center, check_num_planes, hash_codes
+from haste_onnx.hashing import (
+    bucket_labels,
+    center,
+    check_num_planes,
+    hash_codes,
+    sparse_matmul,
+)
 from haste_onnx.opdef import MAX_TILE
 
 _CHUNK_ELEMENTS = 1 << 22
@@ -133,8 +139,9 @@ def _reduced_conv(
     nb = int(labels.max()) + 1
     onehot = (labels[:, None, :] == np.arange(nb)[None, :, None]).astype(np.float64)
     sizes = onehot.sum(axis=-1)  # [np, B]
-    merged_in = (onehot @ v) / np.maximum(sizes, 1.0)[..., None]  # mean of each bucket
-    merged_w = onehot @ w_flat  # sum of each bucket's filter channels: [np, B, M*K*K]
+    # Sums over each bucket's channels only: a NaN or ±Inf stays in its bucket.
+    merged_in = sparse_matmul(onehot, v) / np.maximum(sizes, 1.0)[..., None]  # mean of each bucket
+    merged_w = sparse_matmul(onehot, w_flat)  # each bucket's filter channels summed: [np, B, M*K*K]
     merged_w = merged_w.reshape(npatch, nb, m, k * k).transpose(0, 2, 1, 3)
     windows = sliding_window_view(merged_in.reshape(npatch, nb, p, p), (k, k), axis=(2, 3))
     cols = windows.reshape(npatch, nb, t * t, k * k).transpose(0, 1, 3, 2)
