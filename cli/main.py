@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 fidelity failure, 2 bad usage or input.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -61,6 +62,19 @@ class _Bound(click.FloatRange):
         if math.isnan(number):
             self.fail(f"{value} is not a number", param, ctx)
         return number
+
+
+class _NewFile(click.Path):
+    """The path of a file to write, refused when a trailing '/' says it is meant as a directory
+    (a Path drops that '/', and a file of that name would be written)."""
+
+    def __init__(self) -> None:
+        super().__init__(path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value.endswith(("/", os.sep)):
+            self.fail(f"{value} names a directory; give a file name", param, ctx)
+        return super().convert(value, param, ctx)
 
 
 def _stack(*options: Callable[[Any], Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -179,7 +193,7 @@ _output_options = _stack(
     click.option(
         "--json",
         "json_path",
-        type=click.Path(path_type=Path),
+        type=_NewFile(),
         default=None,
         help="Write the report as JSON to this file, or '-' for stdout "
         "(the table then goes to stderr).",
@@ -371,7 +385,7 @@ def _tolerances(kw: dict[str, Any]) -> Tolerances:
 
 _plot_option = click.option(
     "--plot",
-    type=click.Path(path_type=Path),
+    type=_NewFile(),
     default=None,
     help="Also draw r and FLOPs per layer into this PNG (needs matplotlib).",
 )
@@ -382,7 +396,7 @@ _plot_option = click.option(
 @click.option(
     "-o",
     "--output",
-    type=click.Path(path_type=Path),
+    type=_NewFile(),
     default=None,
     help="Where to write the converted model. Default: MODEL with .haste.onnx.",
 )

@@ -190,6 +190,10 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
         "bad fraction s": ([tmp_path / "ok.onnx", "-s", "1/2/3"], "a fraction like 2/3"),
         "nan bound": ([tmp_path / "ok.onnx", "--min-cosine", "nan"], "nan is not a number"),
         "bound out of range": ([tmp_path / "ok.onnx", "--min-top1", "2"], "2.0 is not in"),
+        "output directory path": (
+            [tmp_path / "ok.onnx", "-o", f"{tmp_path}/newdir/"],
+            "names a directory; give a file name",
+        ),
         "included and excluded": (
             [tmp_path / "ok.onnx", "--include", "layer1", "--exclude", "layer1"],
             "layer1: both included and excluded",
@@ -260,6 +264,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
         "nan bound",
         "bound out of range",
         "included and excluded",
+        "output directory path",
         "unknown layer",
         "bad layer L",
         "missing inputs",

@@ -18,7 +18,7 @@ _TYPES = {
     "tile": AttributeProto.INT,
     "activation": AttributeProto.STRING,
 }
-_NAMES = {
+_NAMES: dict[int, str] = {
     AttributeProto.INT: "an int",
     AttributeProto.FLOAT: "a float",
     AttributeProto.STRING: "a string",
