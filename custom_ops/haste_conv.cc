@@ -344,8 +344,7 @@ __attribute__((always_inline)) inline void HashPatchWith(const float* patch, int
 // AVX2 without FMA: four lanes, and no fused multiply-add can change a projection's rounding.
 __attribute__((target("avx2"))) void HashPatchAvx2(const float* patch, int64_t channels,
                                                    int64_t dim, const SparsePlanes& planes,
-                                                   double* sum, double* centered,
-                                                   uint64_t* codes) {
+                                                   double* sum, double* centered, uint64_t* codes) {
   HashPatchWith<4>(patch, channels, dim, planes, sum, centered, codes);
 }
 #endif
