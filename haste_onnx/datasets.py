@@ -28,6 +28,7 @@ import gzip
 import importlib.util
 import os
 import re
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -151,6 +152,8 @@ def normalize(
             )
     if np.any(s == 0) or not np.all(np.isfinite(s)):
         raise ValueError(f"std must be finite and non-zero, got {s.tolist()}")
+    if not np.all(np.isfinite(m)):
+        raise ValueError(f"mean must be finite, got {m.tolist()}")
     shape = (1, -1, 1, 1)
     return ((x - m.reshape(shape)) / s.reshape(shape)).astype(np.float32)
 
@@ -164,11 +167,14 @@ def load_idx(path: PathLike) -> np.ndarray:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"idx file not found: {p}")
-    with open(p, "rb") as f:
-        head = f.read(2)
-    opener = gzip.open if head == b"\x1f\x8b" else open
-    with opener(p, "rb") as f:  # type: ignore[operator]
-        data = f.read()
+    try:
+        with open(p, "rb") as f:
+            head = f.read(2)
+        opener = gzip.open if head == b"\x1f\x8b" else open
+        with opener(p, "rb") as f:  # type: ignore[operator]
+            data = f.read()
+    except (OSError, EOFError) as exc:  # gzip's errors too: a corrupt or truncated file
+        raise ValueError(f"cannot read {p}: {exc or type(exc).__name__}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise ValueError(f"{p}: not an idx file (bad magic number {data[:4]!r})")
     code, ndim = data[2], data[3]
@@ -249,17 +255,22 @@ def load_npz(
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"npz file not found: {p}")
-    with np.load(p, allow_pickle=False) as z:
-        keys = set(z.files)
-        for xk, yk in (("images", "labels"), ("x", "y"), ("x_test", "y_test"), ("X", "y")):
-            if xk in keys and yk in keys:
-                x, y = z[xk], z[yk]
-                break
-        else:
-            raise ValueError(
-                f"{p}: expected arrays 'images' and 'labels' (or 'x' and 'y'), found "
-                f"{sorted(keys) or 'none'}"
-            )
+    if not zipfile.is_zipfile(p):
+        raise ValueError(f"{p} is not an .npz file (a zip archive of arrays)")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            keys = set(z.files)
+            for xk, yk in (("images", "labels"), ("x", "y"), ("x_test", "y_test"), ("X", "y")):
+                if xk in keys and yk in keys:
+                    x, y = z[xk], z[yk]
+                    break
+            else:
+                raise ValueError(
+                    f"{p}: expected arrays 'images' and 'labels' (or 'x' and 'y'), found "
+                    f"{sorted(keys) or 'none'}"
+                )
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:  # a corrupt or truncated archive
+        raise ValueError(f"cannot read {p}: {exc or type(exc).__name__}") from None
     xs = _to_nchw(x, layout, str(p))
     return _limit(xs, _as_labels(y, xs.shape[0], str(p)), limit)
 

@@ -123,6 +123,20 @@ def _single_input(model: onnx.ModelProto, images: np.ndarray) -> str:
     return inputs[0].name
 
 
+def _batch_size(model: onnx.ModelProto, images: np.ndarray, size: int) -> int:
+    """``size``, or the model's own batch size when its input fixes one (then ``images`` must
+    come in whole batches of it)."""
+    first = ir.graph_inputs(model)[0].type.tensor_type.shape.dim[0]
+    if not first.HasField("dim_value") or first.dim_value < 1:
+        return size
+    if len(images) % first.dim_value:
+        raise ValueError(
+            f"the model takes batches of exactly {first.dim_value} images, and {len(images)} "
+            "is not a multiple of it: choose the number of images (--limit, --ablation-images)"
+        )
+    return first.dim_value
+
+
 def _batches(n: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
@@ -148,6 +162,7 @@ def measure(
 ) -> Run:
     """Convert with ``options`` and measure top-1 accuracy and FLOPs on ``images``."""
     name = _single_input(original, images)
+    batch = _batch_size(original, images, batch)
     converted, decisions, plans = rewrite(original, options)
     logits_name = converted.graph.output[0].name
     probe = ir.with_outputs(converted, [plan.input for plan in plans])
@@ -275,6 +290,7 @@ def ablation(
 ) -> Ablation:
     """Accuracy of LSH and of random grouping at the same bucket sizes, on ``images``."""
     name = _single_input(original, images)
+    batch = _batch_size(original, images, batch)
     converted, _, _ = rewrite(original, options)
     session = runtime.quiet_session(converted, threads=threads)
     lsh = _run(session, name, images, batch)
@@ -313,10 +329,18 @@ def evaluate(
     options = options or HasteOptions()
     for num_planes in planes:  # before the sweep, not when it reaches a bad L
         check_num_planes(num_planes)
+    if len(images) == 0:
+        raise ValueError("no images to evaluate on")
+    if not np.isfinite(images).all():
+        raise ValueError("the images have NaN or infinite values")
     name = _single_input(model, images)
+    if not any(d.converted for d in decide(model, options)[1]):
+        raise ValueError("no Conv of the model is eligible for HASTE with these options")
     say("baseline")
     session = runtime.quiet_session(model, custom_ops=False, threads=threads)
-    logits = np.concatenate([r[0] for r in _run(session, name, images, 250)])
+    batch = _batch_size(model, images, 250)
+    _batch_size(model, images[:ablation_images], 250)  # before the sweep, not after it
+    logits = np.concatenate([r[0] for r in _run(session, name, images, batch)])
     _check_classes(logits, labels)
     baseline = _accuracy(logits, labels)
     rows, ablations = [], []

@@ -146,6 +146,22 @@ def test_npz_errors(tmp_path):
         ds.load_npz(f, layout="CHWN")
     with pytest.raises(ValueError, match="not found"):
         ds.load_npz(tmp_path / "missing.npz")
+    f.write_text("not a zip archive")
+    with pytest.raises(ValueError, match="is not an .npz file"):
+        ds.load_npz(f)
+    np.savez(f, images=np.zeros((2, 2, 2)), labels=np.array([0, 1]))
+    data = bytearray(f.read_bytes())
+    data[data.index(b"\x93NUMPY") + 100] ^= 0xFF  # one byte of the images changed: bad CRC
+    f.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="cannot read .*Bad CRC-32"):
+        ds.load_npz(f)
+
+
+def test_corrupt_idx_files_are_refused(tmp_path):
+    f = tmp_path / "t10k-images-idx3-ubyte.gz"
+    f.write_bytes(gzip.compress(struct.pack(">BBBBI", 0, 0, 8, 1, 4) + bytes(4))[:-6])
+    with pytest.raises(ValueError, match="cannot read"):
+        ds.load_idx(f)
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -233,6 +249,8 @@ def test_normalize():
         ds.normalize(x, [1, 2], 1)
     with pytest.raises(ValueError, match="non-zero"):
         ds.normalize(x, 0, 0)
+    with pytest.raises(ValueError, match="mean must be finite"):
+        ds.normalize(x, float("nan"), 1)
     with pytest.raises(ValueError, match="NCHW"):
         ds.normalize(x[0], 0, 1)
 

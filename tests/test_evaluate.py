@@ -100,3 +100,37 @@ def test_a_model_that_does_not_classify_is_refused(fashion):
     )
     with pytest.raises(ValueError, match="first output is \\[N, classes\\], this model's is"):
         evaluate(features, images[:4], labels[:4], "fashion", planes=(8,))
+
+
+def test_a_model_with_a_fixed_batch_runs_in_batches_of_its_size(fashion):
+    model, images, labels = fashion
+    one = onnx.ModelProto()
+    one.CopyFrom(model)
+    one.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    result = evaluate(one, images[:3], labels[:3], "fashion", planes=(14,), seeds=(0,))
+    assert len(result.rows) == 1 and 0.0 <= result.baseline_accuracy <= 1.0
+    two = onnx.ModelProto()
+    two.CopyFrom(one)
+    two.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    with pytest.raises(ValueError, match="batches of exactly 2 images, and 3 is not a multiple"):
+        evaluate(two, images[:3], labels[:3], "fashion", planes=(14,))
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no images", "no images to evaluate on"),
+        ("nan images", "NaN or infinite"),
+        ("no eligible conv", "no Conv of the model is eligible"),
+    ],
+)
+def test_evaluation_that_could_only_mislead_is_refused(fashion, case, message):
+    model, images, labels = fashion
+    images, labels = images[:4].copy(), labels[:4]
+    options = HasteOptions(min_channels=100000) if case == "no eligible conv" else None
+    if case == "no images":
+        images, labels = images[:0], labels[:0]
+    if case == "nan images":
+        images[1, 0, 3, 3] = np.nan
+    with pytest.raises(ValueError, match=message):
+        evaluate(model, images, labels, "fashion", planes=(14,), options=options)
