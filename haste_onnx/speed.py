@@ -223,7 +223,11 @@ def keep_faster(
     }
     while True:
         if reasons:
-            excluded = dataclasses.replace(options, exclude=options.exclude + tuple(reasons))
+            excluded = dataclasses.replace(  # an --include'd layer too: the user asked for speed
+                options,
+                include=tuple(name for name in options.include if name not in reasons),
+                exclude=options.exclude + tuple(reasons),
+            )
             converted, decisions, plans = rewrite(original, excluded)
         if not plans:
             model = None
