@@ -16,7 +16,7 @@ import click
 import numpy as np
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-from haste_onnx import datasets, report
+from haste_onnx import datasets, ir, report
 from haste_onnx import evaluate as evaluation
 from haste_onnx import pipeline as api
 from haste_onnx.errors import HasteError, InputError
@@ -241,13 +241,26 @@ class _Console:
             click.echo(click.style(f"· {message}", dim=True), file=sys.stderr)
 
 
-def _start(kw: dict[str, Any], plot: Path | None = None, models: tuple[Path, ...] = ()) -> _Console:
+def _start(
+    kw: dict[str, Any],
+    plot: Path | None = None,
+    models: tuple[Path, ...] = (),
+    files: tuple[Path, ...] = (),
+) -> _Console:
     """The console of a command, once its report files (--json, --plot) are known to be
-    writable, to overwrite neither each other nor ``models`` (the command's input and output
-    models), and matplotlib to be there for --plot: a bad path fails before any work is done."""
+    writable, to overwrite neither each other nor the command's ``models`` (input and output,
+    and their .data files) and other input ``files`` (--inputs too), and matplotlib to be there
+    for --plot: a bad path fails before any work is done."""
     reports = {"--json": kw["json_path"], "--plot": plot}
     reports = {option: path for option, path in reports.items() if path not in (None, Path("-"))}
-    taken = {path.resolve(): f"the model {path}" for path in models}
+    taken = {}
+    for model in models:
+        taken[model.resolve()] = f"the model {model}"
+        for data in (model.with_name(model.name + ".data"), *ir.external_data_files(model)):
+            taken.setdefault(data.resolve(), f"the data of the model {model}")
+    for file in (*files, kw.get("inputs")):
+        if file is not None:
+            taken.setdefault(file.resolve(), f"the input file {file}")
     for option, path in reports.items():
         api.check_writable(path, option)
         if path.resolve() in taken:
@@ -657,7 +670,7 @@ def evaluate(
     **kw: Any,
 ) -> None:
     """Top-1 accuracy and FLOPs reduction of MODEL over a sweep of L (paper Table 4)."""
-    console = _start(kw, plot, (model,))
+    console = _start(kw, plot, (model,), () if data in DATA_SETS else (Path(data),))
     if data in DATA_SETS:
         title, loader = DATA_SETS[data]
         images, labels = loader()

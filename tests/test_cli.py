@@ -228,6 +228,18 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
             [tmp_path / "ok.onnx", "--json", tmp_path / "r", "--plot", tmp_path / "r"],
             "would overwrite the --json file",
         ),
+        "json is input data": (
+            [tmp_path / "ext.onnx", "--json", tmp_path / "b.onnx.data"],
+            "would overwrite the data of the model",
+        ),
+        "plot is output data": (
+            [tmp_path / "ok.onnx", "-o", tmp_path / "o.onnx", "--plot", tmp_path / "o.onnx.data"],
+            "would overwrite the data of the model",
+        ),
+        "json is inputs file": (
+            [tmp_path / "ok.onnx", "--inputs", tmp_path / "x.npz", "--json", tmp_path / "x.npz"],
+            "would overwrite the input file",
+        ),
         "output data is input data": (
             [tmp_path / "ext.onnx", "-o", tmp_path / "b.onnx"],
             "holds the input model's tensors",
@@ -275,6 +287,9 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
         "json is output",
         "json is plot",
         "output data is input data",
+        "json is input data",
+        "plot is output data",
+        "json is inputs file",
         "out of memory",
         "onnxruntime refuses to run it",
     ],
@@ -415,3 +430,15 @@ def test_interrupt_while_importing_exits_130(monkeypatch, capsys):
     with pytest.raises(SystemExit) as stop:
         cli.run()
     assert stop.value.code == 130 and capsys.readouterr().err == "error: interrupted\n"
+
+
+def test_evaluate_refuses_a_report_over_its_data(tmp_path):
+    data, source = (
+        tmp_path / "fashion.npz",
+        Path(__file__).parent / "data" / "fashion_mnist_test_500.npz",
+    )
+    shutil.copy(source, data)
+    model = Path(__file__).parent.parent / "models" / "fashion" / "resnet18_fashion.onnx"
+    code, _, err = run("evaluate", model, "--data", data, "--json", data, "--planes", "14")
+    assert code == 2 and f"--json {data} would overwrite the input file {data}" in err
+    assert data.read_bytes() == source.read_bytes()
