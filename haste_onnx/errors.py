@@ -5,7 +5,7 @@ class HasteError(Exception):
     """Base class of every error haste-onnx raises on purpose."""
 
 
-class InputError(HasteError):
+class InputError(HasteError, ValueError):
     """The model, an input file, an option or an output path cannot be used (exit code 2)."""
 
 

@@ -33,6 +33,13 @@ class VerifyOptions:
     dims: Mapping[str, int] = dataclasses.field(default_factory=dict)
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for name, size in {"batch": self.batch, **self.dims}.items():
+            if size < 1:
+                raise InputError(f"{name} = {size}: sizes must be >= 1")
+        if self.seed < 0:
+            raise InputError(f"seed = {self.seed} must be >= 0")
+
 
 @dataclass(frozen=True)
 class ConversionResult:
@@ -142,6 +149,8 @@ def convert(
     against the original, and while it is not faster the layer that saved least stays Conv too
     (:func:`haste_onnx.speed.keep_faster`), both sides with ``threads`` intra-op threads; the
     result then depends on the machine and its load."""
+    if threads < 1:
+        raise InputError(f"threads = {threads} must be >= 1")
     source = Path(source)
     target = Path(output) if output is not None else default_output(source)
     check_output_path(source, target)

@@ -8,6 +8,7 @@ the FLOPs report needs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ import onnx
 from onnx import numpy_helper
 
 from haste_onnx import ir, runtime
+from haste_onnx.errors import InputError
 from haste_onnx.passes.rewrite import LayerPlan
 from haste_onnx.reference import haste_conv
 
@@ -31,6 +33,17 @@ class Tolerances:
     min_top1: float | None = None
     kernel_rtol: float = 1e-4
     max_kernel_mismatch: float = 1e-3
+
+    def __post_init__(self) -> None:
+        for name, value, low, high in (
+            ("min_cosine", self.min_cosine, -1.0, 1.0),
+            ("max_rel_l2", self.max_rel_l2, 0.0, math.inf),
+            ("min_top1", self.min_top1, 0.0, 1.0),
+            ("kernel_rtol", self.kernel_rtol, 0.0, math.inf),
+            ("max_kernel_mismatch", self.max_kernel_mismatch, 0.0, 1.0),
+        ):
+            if value is not None and not low <= value <= high:  # NaN too: it would pass anything
+                raise InputError(f"{name} = {value} is out of range: allowed is [{low}, {high}]")
 
 
 @dataclass(frozen=True)

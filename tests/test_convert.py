@@ -306,3 +306,22 @@ def test_models_past_the_protobuf_limit_go_through_files(tmp_path, monkeypatch):
     assert (tmp_path / "big.onnx").stat().st_size < 100_000
     x = np.ones((1, 3, 32, 32), np.float32)
     assert make_session(str(tmp_path / "big.onnx")).run(None, {"input": x})[0].shape == (1, 10)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: HasteOptions(num_planes=99), "99 is out of range"),
+        (lambda: HasteOptions(layer_planes={"conv1": 70}), "layer 'conv1'"),
+        (lambda: HasteOptions(sparsity=float("nan")), "sparsity"),
+        (lambda: HasteOptions(tile=100000), "tile"),
+        (lambda: Tolerances(min_cosine=float("nan")), "min_cosine = nan"),
+        (lambda: Tolerances(min_top1=1.5), "min_top1"),
+        (lambda: VerifyOptions(batch=-1), "batch = -1"),
+        (lambda: VerifyOptions(dims={"N": 0}), "N = 0"),
+        (lambda: convert(EXAMPLE, only_faster=True, threads=0), "threads = 0"),
+    ],
+)
+def test_bad_options_raise_input_error(make, message):
+    with pytest.raises(InputError, match=message):
+        make()

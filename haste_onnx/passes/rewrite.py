@@ -40,22 +40,22 @@ class HasteOptions:
     layer_planes: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        check_num_planes(self.num_planes)
-        for name, value in self.layer_planes.items():
+        for name, value in {"L": self.num_planes, **self.layer_planes}.items():
             try:
                 check_num_planes(value)
             except ValueError as exc:
-                raise ValueError(f"layer {name!r}: {exc}") from None
-        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"s (sparsity) = {self.sparsity} is out of range: allowed is [0, 1)")
-        if self.tile < 1:
-            raise ValueError(f"tile (T) = {self.tile} must be >= 1")
+                raise InputError(str(exc) if name == "L" else f"layer {name!r}: {exc}") from None
+        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:  # NaN too
+            raise InputError(f"s (sparsity) = {self.sparsity} is out of range: allowed is [0, 1)")
+        if not 1 <= self.tile <= opdef.MAX_TILE:
+            allowed = f"[1, {opdef.MAX_TILE}]"
+            raise InputError(f"tile (T) = {self.tile} is out of range: allowed is {allowed}")
         if self.skip_first < 0:
-            raise ValueError(f"skip_first = {self.skip_first} must be >= 0")
+            raise InputError(f"skip_first = {self.skip_first} must be >= 0")
         if self.min_channels < 1:
-            raise ValueError(f"min_channels = {self.min_channels} must be >= 1")
+            raise InputError(f"min_channels = {self.min_channels} must be >= 1")
         if both := sorted(set(self.include) & set(self.exclude)):
-            raise ValueError(f"{', '.join(both)}: both included and excluded")
+            raise InputError(f"{', '.join(both)}: both included and excluded")
 
 
 @dataclass(frozen=True)
