@@ -652,7 +652,13 @@ def _listing(kind: type) -> Callable[[click.Context, click.Parameter, str], tupl
 @click.option(
     "--threads", type=click.IntRange(1), default=None, help="onnxruntime intra-op threads."
 )
-@_plot_option
+@click.option(
+    "--plot",
+    type=_NewFile(),
+    default=None,
+    help="Also draw top-1 accuracy against FLOPs reduction, a point per L, into this PNG "
+    "(needs matplotlib).",
+)
 @_policy_options
 @_output_options
 def evaluate(

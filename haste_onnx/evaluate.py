@@ -10,6 +10,7 @@ merges the same number of channels per patch as LSH does, but chooses them at ra
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -384,7 +385,7 @@ def evaluate(
 
 
 def to_json(ev: Evaluation) -> dict[str, object]:
-    """The evaluation as a JSON-ready dict (schema described in docs/report.md)."""
+    """The evaluation as a JSON-ready dict (docs/report.md, "inspect and evaluate")."""
     return {
         "data": ev.data,
         "images": ev.images,
@@ -451,7 +452,7 @@ def plot(ev: Evaluation, path: str, staging: Staging | None = None) -> None:
     ax.axhline(100 * ev.baseline_accuracy, color="gray", linestyle="--", label="baseline")
     ax.set_xlabel("FLOPs reduction (%)")
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(ev.data, fontsize=9)
+    ax.set_title(textwrap.fill(ev.data, 80), fontsize=9)
     ax.legend()
     fig.tight_layout()
     report.save_figure(fig, path, staging)
