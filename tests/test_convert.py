@@ -144,12 +144,13 @@ def test_unnamed_convs_keep_their_names_from_convert_to_verify(tmp_path):
     model = graphs.vgg_like()
     for node in model.graph.node:
         node.name = ""
+    model.graph.node[0].name = "Conv_3(features.1.y)"  # the stem, named as an unnamed one would be
     src = save(model, tmp_path)
     converted = convert(src, tmp_path / "out.onnx")
     checked = verify_pair(src, tmp_path / "out.onnx")
     assert [p.name for p in checked.layers] == [p.name for p in converted.layers]
     assert [p.name for p in converted.layers] == [
-        "Conv_3(features.1.y)",
+        "Conv_3(features.1.y)_1",
         "Conv_7(features.3.y)",
         "Conv_10(features.4.y)",
     ]

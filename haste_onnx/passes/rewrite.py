@@ -179,10 +179,6 @@ HARD_RULES: tuple[Rule, ...] = (
 """Rules no option overrides: the operator cannot run the node otherwise."""
 
 
-def _site_name(node: onnx.NodeProto, index: int) -> str:
-    return node.name or f"Conv_{index}({node.output[0]})"
-
-
 def _sites(model: onnx.ModelProto) -> list[ConvSite]:
     graph = model.graph
     convs = [
@@ -197,6 +193,7 @@ def _sites(model: onnx.ModelProto) -> list[ConvSite]:
         if name and ir.constant_value(graph, name) is None
     }
     folded = fold_constant_inputs(model, wanted)
+    names = {n.name for n in graph.node if n.name}  # an unnamed Conv's name must be new
     sites = []
     for index, node in convs:
 
@@ -207,9 +204,8 @@ def _sites(model: onnx.ModelProto) -> list[ConvSite]:
         weight = value(node.input[1])
         has_bias = len(node.input) > 2 and bool(node.input[2])
         bias = value(node.input[2]) if has_bias else None
-        sites.append(
-            ConvSite(node, index, _site_name(node, index), weight, bias, has_bias and bias is None)
-        )
+        name = node.name or ir.unique_name(names, f"Conv_{index}({node.output[0]})")
+        sites.append(ConvSite(node, index, name, weight, bias, has_bias and bias is None))
     return sites
 
 
