@@ -295,8 +295,28 @@ _ORT_ERRORS = tuple(
 )
 
 
+# click >= 8.2 raises it for a bare group (then it shows the help); older versions exit themselves.
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 class _Group(click.Group):
     """Turns every expected error into one line and exit code 2."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """click's, with its usage errors in one line too (click prints three)."""
+        kwargs["standalone_mode"] = False  # click's errors come here instead of being printed
+        try:
+            return super().main(*args, **kwargs)
+        except _NO_ARGS_IS_HELP as exc:  # bare `haste-onnx`: the help
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            where = f" (see {exc.ctx.command_path} --help)" if exc.ctx else ""
+            _fail(exc.format_message() + where, EXIT_USAGE)
+        except click.ClickException as exc:
+            _fail(exc.format_message(), exc.exit_code)
+        except click.Abort:  # Ctrl-C or end of input while click itself reads
+            _fail("interrupted", EXIT_INTERRUPTED)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

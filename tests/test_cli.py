@@ -304,10 +304,9 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, case):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
-    assert len(errors) == 1 or "Usage" in proc.stderr
-    if "Usage" not in proc.stderr:  # progress lines, then the error: no log of onnxruntime's
-        assert all(line.startswith(("·", "error")) for line in proc.stderr.splitlines())
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1  # after progress lines, and no log line of onnxruntime's
+    assert all(line.startswith(("·", "error: ")) for line in proc.stderr.splitlines())
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written or left
     assert (tmp_path / "ok.onnx").read_bytes() == EXAMPLE.read_bytes()
     assert (tmp_path / "b.onnx.data").read_bytes() == data_before
