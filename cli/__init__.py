@@ -1,13 +1,22 @@
 """The ``haste-onnx`` command line: a thin click layer over the library."""
 
+import signal
 import sys
 
 
+def _interrupt(_signal: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run() -> None:
-    """The console script: :func:`haste_onnx.cli.main.main`, and Ctrl-C while its libraries are
-    still being imported ends as it does later (one line, exit 130), not in a traceback."""
+    """The console script: :func:`haste_onnx.cli.main.main`. Ctrl-C, and a SIGTERM or SIGHUP
+    (which would end the process without removing its temporary files), end it with one line and
+    exit 130 at any time, also while its libraries are still being imported."""
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _interrupt)
     try:
-        from haste_onnx.cli.main import EXIT_INTERRUPTED, main
+        from haste_onnx.cli.main import main
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
@@ -15,4 +24,4 @@ def run() -> None:
         main()
     except KeyboardInterrupt:  # between the imports and the command's own handler
         print("error: interrupted", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        sys.exit(130)

@@ -441,3 +441,33 @@ def test_evaluate_refuses_a_report_over_its_data(tmp_path):
     code, _, err = run("evaluate", model, "--data", data, "--json", data, "--planes", "14")
     assert code == 2 and f"--json {data} would overwrite the input file {data}" in err
     assert data.read_bytes() == source.read_bytes()
+
+
+def test_the_command_imports_nothing_heavy_before_it_can_handle_ctrl_c():
+    """The console script's module, haste_onnx.cli, loads neither onnx nor onnxruntime nor
+    numpy (until its run() has started, Ctrl-C can only end in a traceback); the package's
+    names are imported when first used, every one of them."""
+    code = "import sys, haste_onnx.cli; print(sorted({'onnx', 'numpy'} & set(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
+    import haste_onnx
+
+    assert all(getattr(haste_onnx, name) is not None for name in haste_onnx.__all__)
+
+
+def test_sigterm_ends_the_command_like_ctrl_c(tmp_path):
+    model = Path(__file__).parent.parent / "models" / "fashion" / "resnet18_fashion.onnx"
+    proc = subprocess.Popen(
+        ["haste-onnx", "convert", model, "-o", tmp_path / "out.onnx", "--batch", "16"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:  # under way: the command has handled its first step
+        if "rewriting" in line:
+            break
+    proc.terminate()
+    rest = proc.stderr.read()
+    assert proc.wait() == 130
+    assert rest.strip().splitlines()[-1] == "error: interrupted (no file is left half-written)"
+    assert list(tmp_path.iterdir()) == []
