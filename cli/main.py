@@ -275,8 +275,8 @@ def _write_json(path: Path | None, document: dict[str, object], staging: Staging
     if path is None:
         return
     text = report.dumps(document) + "\n"
-    if path == Path("-"):
-        click.echo(text, nl=False)
+    if path == Path("-"):  # once the files it names are in place
+        staging.then(lambda: click.echo(text, nl=False))
         return
     staging.write(path, lambda staged: staged.write_text(text))
 

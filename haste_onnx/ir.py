@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from onnx.external_data_helper import ExternalDataInfo
+from onnx.external_data_helper import ExternalDataInfo, set_external_data
 
 from haste_onnx.errors import InputError
 from haste_onnx.staging import Staging
@@ -115,22 +115,25 @@ def stage(
     if not os.access(path.parent, os.W_OK):
         raise InputError(f"output directory is not writable: {path.parent}")
     external = external_data or too_large(model)
-    data_name = path.name + ".data"
+    return staging.write(
+        path, lambda staged: _save(model, staged, staged.name + ".data" if external else None)
+    )
 
-    def write(staged: Path) -> None:
-        if external:  # saving to external data empties the tensors: work on a copy
-            onnx.save_model(
-                copy.deepcopy(model),
-                staged,
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=1024,
-            )
-        else:
-            onnx.save_model(model, staged)
 
-    return staging.write(path, write, [data_name] if external else [])
+def _save(model: onnx.ModelProto, path: Path, data_name: str | None) -> None:
+    """Save ``model`` to ``path``, with its tensors of 1 KB or more in ``data_name`` beside it
+    when that is given (onnx's own option checks whether that name exists in the current
+    directory, not beside ``path``). The model is not changed."""
+    if data_name is None:
+        onnx.save_model(model, path)
+        return
+    model = copy.deepcopy(model)
+    for tensor in model.graph.initializer:
+        if not tensor.HasField("raw_data"):  # external data is raw data
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
+        if len(tensor.raw_data) >= 1024:
+            set_external_data(tensor, data_name)
+    onnx.save_model(model, path)  # writes the tensors marked external into data_name
 
 
 def session_source(model: onnx.ModelProto) -> bytes | str:
@@ -141,9 +144,7 @@ def session_source(model: onnx.ModelProto) -> bytes | str:
     directory = tempfile.mkdtemp(prefix="haste-onnx-session-")
     _SESSION_DIRS.append(directory)
     path = Path(directory) / "model.onnx"
-    onnx.save_model(  # saving to external data empties the tensors: work on a copy
-        copy.deepcopy(model), path, save_as_external_data=True, location="model.onnx.data"
-    )
+    _save(model, path, "model.onnx.data")
     return str(path)
 
 

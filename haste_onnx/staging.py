@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -22,6 +23,7 @@ class Staging:
     def __init__(self) -> None:
         self._directories: list[Path] = []
         self._moves: list[tuple[Path, Path]] = []
+        self._actions: list[Callable[[], object]] = []
 
     def __enter__(self) -> Staging:
         return self
@@ -35,11 +37,10 @@ class Staging:
         for directory in self._directories:
             shutil.rmtree(directory, ignore_errors=True)
 
-    def write(
-        self, destination: Path, writer: Callable[[Path], object], beside: Sequence[str] = ()
-    ) -> list[Path]:
-        """Call ``writer`` with the path to write ``destination`` to; files named ``beside`` that
-        it writes next to that path go next to ``destination``. Returns the files staged."""
+    def write(self, destination: Path, writer: Callable[[Path], object]) -> list[Path]:
+        """Call ``writer`` with the path to write ``destination`` to; any other files it writes
+        beside that path (a model's .data file) go beside ``destination``. Returns the files
+        staged, ``destination`` first."""
         folder = destination.parent
         try:
             directory = Path(tempfile.mkdtemp(dir=folder, prefix=".haste-onnx-"))
@@ -47,12 +48,31 @@ class Staging:
             writer(directory / destination.name)
         except OSError as exc:
             raise InputError(f"cannot write {destination}: {exc.strerror or exc}") from None
-        names = [*beside, destination.name]  # a model's data files before the model naming them
+        others = sorted(p.name for p in directory.iterdir() if p.name != destination.name)
+        names = [*others, destination.name]  # a model's data files before the model naming them
         self._moves += [(directory / name, folder / name) for name in names]
         return [folder / name for name in reversed(names)]
 
+    def then(self, action: Callable[[], object]) -> None:
+        """Do ``action`` (print what was written) once everything is in place."""
+        self._actions.append(action)
+
     def commit(self) -> None:
-        """Move every staged file into place."""
-        for staged, destination in self._moves:
-            os.replace(staged, destination)
-        self._moves.clear()
+        """Move every staged file into place, with Ctrl-C and termination held back meanwhile, so
+        that no new file is left beside an old one it does not belong with."""
+        held = {getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)}
+        mask = hasattr(signal, "pthread_sigmask")
+        if mask:
+            signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        try:
+            for staged, destination in self._moves:
+                os.replace(staged, destination)
+        except OSError as exc:
+            raise InputError(f"cannot write {destination}: {exc.strerror or exc}") from None
+        finally:
+            self._moves.clear()
+            if mask:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+        for action in self._actions:
+            action()
+        self._actions.clear()

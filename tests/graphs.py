@@ -272,3 +272,9 @@ def shared_weight(seed: int = 10) -> onnx.ModelProto:
         helper.make_node("Conv", [h, *first.input[1:]], ["second.y"], name="second", pads=[1] * 4)
     )
     return n.model("second.y", ["N", 16, 8, 8])
+
+
+def tiny(seed: int = 11) -> onnx.ModelProto:
+    """A 8 -> 2 channel 3x3 Conv: every tensor under 1 KB."""
+    n = Net(seed, channels=8, size=6)
+    return n.model(n.conv("x", 8, 2, name="conv"), ["N", 2, 6, 6])

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from haste_onnx.cli.main import main
 
-from haste_onnx import cli, pipeline
+from haste_onnx import cli, pipeline, staging
 
 EXAMPLE = Path(__file__).parent.parent / "models" / "example.onnx"
 
@@ -471,3 +471,15 @@ def test_sigterm_ends_the_command_like_ctrl_c(tmp_path):
     assert proc.wait() == 130
     assert rest.strip().splitlines()[-1] == "error: interrupted (no file is left half-written)"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_json_to_stdout_only_once_the_files_are_in_place(example, tmp_path, monkeypatch):
+    def cannot_move(*_args):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(staging.os, "replace", cannot_move)
+    before = sorted(tmp_path.iterdir())
+    code, out, err = run("convert", example, "-o", tmp_path / "out.onnx", "--json", "-")
+    assert code == 2 and "Input/output error" in err
+    assert out == ""  # no report naming files that are not there
+    assert sorted(tmp_path.iterdir()) == before

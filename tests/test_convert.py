@@ -208,6 +208,31 @@ def test_external_data_models_load_and_save(tmp_path):
     assert make_session(str(tmp_path / "out.onnx")).run(None, {"input": x})[0].shape == (1, 10)
 
 
+def test_external_data_is_written_beside_the_output_whatever_the_current_directory(
+    tmp_path, monkeypatch
+):
+    """Converted again into the same place (the usual re-run), and with a file of the data
+    file's name in the current directory: both are written as asked; and a model whose tensors
+    are all small is written without a data file."""
+    src = tmp_path / "ext.onnx"
+    onnx.save(onnx.load(EXAMPLE), src, save_as_external_data=True, size_threshold=0)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "out.onnx.data").write_text("not ours")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    for _ in range(2):
+        written = convert(src, tmp_path / "out.onnx").written
+        assert written == [tmp_path / "out.onnx", tmp_path / "out.onnx.data"]
+    assert (tmp_path / "elsewhere" / "out.onnx.data").read_text() == "not ours"
+    monkeypatch.chdir(tmp_path)
+    assert convert(src, "out.onnx").written == [Path("out.onnx"), Path("out.onnx.data")]
+    x = np.zeros((1, 3, 32, 32), np.float32)
+    assert make_session(str(tmp_path / "out.onnx")).run(None, {"input": x})[0].shape == (1, 10)
+    small = tmp_path / "tiny.onnx"
+    onnx.save(graphs.tiny(), small, save_as_external_data=True, size_threshold=0)
+    out = tmp_path / "tiny.haste.onnx"
+    assert convert(small, out, HasteOptions(num_planes=4)).written == [out]  # 400-byte planes
+
+
 def test_fidelity_failure_writes_nothing_unless_forced(tmp_path):
     strict = Tolerances(min_cosine=0.9999999)
     out = tmp_path / "out.onnx"
