@@ -25,6 +25,7 @@ from haste_onnx.staging import Staging
 from haste_onnx.verify import Tolerances, Verification
 
 EXIT_FIDELITY, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130  # 130: the shells' code for Ctrl-C
+EXIT_BROKEN_PIPE = 141  # the shells' code for a process ended by SIGPIPE
 
 
 def _pairs(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> dict[str, int]:
@@ -267,7 +268,9 @@ def _start(
             raise InputError(f"{option} {path} would overwrite {taken[path.resolve()]}")
         taken[path.resolve()] = f"the {option} file"
     if plot is not None:
-        report.pyplot()
+        formats = report.plot_formats()
+        if plot.suffix.lower().lstrip(".") not in formats:
+            raise InputError(f"--plot {plot}: name a .png file (or {', '.join(sorted(formats))})")
     return _Console(kw["quiet"], kw["json_path"])
 
 
@@ -327,6 +330,9 @@ class _Group(click.Group):
             _fail(f"onnxruntime: {str(exc).strip()}", EXIT_USAGE)
         except MemoryError:
             _fail("out of memory: the inputs or the model are too large here", EXIT_USAGE)
+        except BrokenPipeError:  # the reader went away (`| head`): not click's exit 1 either
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(EXIT_BROKEN_PIPE)
         except KeyboardInterrupt:  # not click's "Aborted!" and exit 1, which means a failed check
             _fail("interrupted (no file is left half-written)", EXIT_INTERRUPTED)
 

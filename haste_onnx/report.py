@@ -259,6 +259,14 @@ def pyplot() -> Any:
     return plt
 
 
+def plot_formats() -> list[str]:
+    """The file name extensions matplotlib draws to; InputError if it is not installed."""
+    pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return sorted(FigureCanvasBase.get_supported_filetypes())
+
+
 def save_figure(figure: Any, path: str | Path, staging: Staging | None = None) -> None:
     """Write ``figure`` to ``path`` as a PNG, whole or not at all (with ``staging``, when that
     commits), and close it."""

@@ -190,6 +190,10 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
         "bad fraction s": ([tmp_path / "ok.onnx", "-s", "1/2/3"], "a fraction like 2/3"),
         "nan bound": ([tmp_path / "ok.onnx", "--min-cosine", "nan"], "nan is not a number"),
         "bound out of range": ([tmp_path / "ok.onnx", "--min-top1", "2"], "2.0 is not in"),
+        "plot format": (
+            [tmp_path / "ok.onnx", "--plot", tmp_path / "r.xyz"],
+            "--plot " + str(tmp_path / "r.xyz") + ": name a .png file",
+        ),
         "output directory path": (
             [tmp_path / "ok.onnx", "-o", f"{tmp_path}/newdir/"],
             "names a directory; give a file name",
@@ -277,6 +281,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
         "bound out of range",
         "included and excluded",
         "output directory path",
+        "plot format",
         "unknown layer",
         "bad layer L",
         "missing inputs",
@@ -483,3 +488,13 @@ def test_json_to_stdout_only_once_the_files_are_in_place(example, tmp_path, monk
     assert code == 2 and "Input/output error" in err
     assert out == ""  # no report naming files that are not there
     assert sorted(tmp_path.iterdir()) == before
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly_with_141(example):
+    proc = subprocess.Popen(
+        ["haste-onnx", "inspect", example], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the command writes its first line
+    assert proc.wait() == 141
+    assert proc.stderr.read() == b""
