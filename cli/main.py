@@ -591,11 +591,14 @@ def inspect(model: Path, **kw: Any) -> None:
             f"{d.name:<32} {shape:<16} {'?' if count is None else f'{count / 1e6:9.2f}M'}"
             f"  {verdict}"
         )
+    unknown = result.flops.uncounted
     console.echo(
         f"baseline: {result.flops.baseline_total / 1e6:.2f} MFLOPs per image "
-        f"(Conv, Gemm, MatMul), {sum(d.converted for d in result.decisions)} of "
-        f"{len(result.decisions)} convs eligible"
+        f"(Conv, Gemm, MatMul{f'; without {len(unknown)} of unknown shape' if unknown else ''}), "
+        f"{sum(d.converted for d in result.decisions)} of {len(result.decisions)} convs eligible"
     )
+    if unknown:
+        console.echo("to count them, give the inputs' dynamic sizes (--dim NAME=SIZE)")
     with Staging() as staging:
         document = {
             "model": str(model),

@@ -217,14 +217,30 @@ def inspect(
     options: HasteOptions | None = None,
     verify_options: VerifyOptions | None = None,
 ) -> Inspection:
-    """Every Conv's eligibility and reason, and the baseline FLOPs, without converting."""
+    """Every Conv's eligibility and reason, and the baseline FLOPs, without converting: FLOPs
+    need only the inputs' shapes (of the user's inputs, or the model's with ``batch`` and
+    ``dims``), and are left unknown where a dynamic size is not given."""
     model = load_original(source)
     _, decisions = decide(model, options or HasteOptions())
     if not decisions:
         raise _no_conv(model, Path(source))
-    feeds = make_feeds(model, verify_options or VerifyOptions())
-    shapes = {k: tuple(v.shape) for k, v in feeds.arrays.items()}
-    flops_report = report.build(model, decisions, [], [], shapes, feeds.description)
+    verify_options = verify_options or VerifyOptions()
+    if verify_options.inputs is not None:
+        feeds = make_feeds(model, verify_options)
+        shapes = {k: tuple(v.shape) for k, v in feeds.arrays.items()}
+        description = feeds.description
+    else:
+        inputs.check_dims(model, verify_options.dims)
+        shapes = {}
+        for value in ir.graph_inputs(model):
+            try:
+                shapes[value.name] = inputs.resolve_shape(
+                    value, verify_options.batch, verify_options.dims
+                )
+            except InputError:  # a dynamic size not given: FLOPs that depend on it are unknown
+                continue
+        description = "input shapes: " + ", ".join(f"{k} {list(v)}" for k, v in shapes.items())
+    flops_report = report.build(model, decisions, [], [], shapes, description)
     return Inspection(decisions, flops_report)
 
 

@@ -498,3 +498,15 @@ def test_a_reader_that_goes_away_ends_the_command_quietly_with_141(example):
     proc.stdout.close()  # before the command writes its first line
     assert proc.wait() == 141
     assert proc.stderr.read() == b""
+
+
+def test_inspect_needs_no_float_inputs_nor_every_size(tmp_path):
+    """Eligibility needs neither; FLOPs need only shapes, and are unknown where a size is."""
+    model = graphs.vgg_like()
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
+    model.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    code, out, err = run("inspect", path)
+    assert code == 0, err
+    assert "features.1" in out and "without 5 of unknown shape" in out and "--dim NAME=SIZE" in out
