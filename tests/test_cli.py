@@ -448,12 +448,14 @@ def test_evaluate_refuses_a_report_over_its_data(tmp_path):
     assert data.read_bytes() == source.read_bytes()
 
 
-def test_the_command_imports_nothing_heavy_before_it_can_handle_ctrl_c():
+def test_the_command_imports_nothing_heavy_before_it_can_handle_ctrl_c(tmp_path):
     """The console script's module, haste_onnx.cli, loads neither onnx nor onnxruntime nor
     numpy (until its run() has started, Ctrl-C can only end in a traceback); the package's
     names are imported when first used, every one of them."""
     code = "import sys, haste_onnx.cli; print(sorted({'onnx', 'numpy'} & set(sys.modules)))"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    proc = subprocess.run(  # not from the source tree, which -c would import first
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
     assert proc.stdout.strip() == "[]"
     import haste_onnx
 
