@@ -150,12 +150,17 @@ EOF
     log "mltk resnet8: $out"
 }
 
+# Each part in a subshell of its own with -e, and not as an `if` condition, where bash would
+# ignore -e inside the function and report the status of its last command only.
 status=0
+set +e
 for part in fetch_mnist fetch_fashion fetch_foolbox fetch_qonnx fetch_mltk; do
-    if ! "$part"; then
+    (set -e; "$part")
+    if [ $? -ne 0 ]; then
         log "$part failed"
         status=1
     fi
 done
+set -e
 log "cache: $CACHE"
 exit "$status"
