@@ -45,14 +45,30 @@ function(_ort_store_in_cache headers staging)
   file(REMOVE_RECURSE "${staging}")
 endfunction()
 
+# The ORT_API_VERSION of the headers in `dir` (empty without onnxruntime_c_api.h).
+function(_ort_api_version dir out_var)
+  set(_version "")
+  if(EXISTS "${dir}/onnxruntime_c_api.h")
+    file(STRINGS "${dir}/onnxruntime_c_api.h" _define REGEX "^#define ORT_API_VERSION [0-9]+")
+    string(REGEX REPLACE ".* ([0-9]+)$" "\\1" _version "${_define}")
+  endif()
+  set(${out_var} "${_version}" PARENT_SCOPE)
+endfunction()
+
 # 1. User path.
 if(NOT ONNXRUNTIME_INCLUDE_DIR AND DEFINED ENV{ONNXRUNTIME_INCLUDE_DIR})
   set(ONNXRUNTIME_INCLUDE_DIR "$ENV{ONNXRUNTIME_INCLUDE_DIR}")
 endif()
 if(ONNXRUNTIME_INCLUDE_DIR)
-  if(NOT EXISTS "${ONNXRUNTIME_INCLUDE_DIR}/onnxruntime_cxx_api.h")
-    message(FATAL_ERROR "ONNXRUNTIME_INCLUDE_DIR=${ONNXRUNTIME_INCLUDE_DIR} has no "
-                        "onnxruntime_cxx_api.h: point it at the directory that holds the headers.")
+  if(NOT IS_ABSOLUTE "${ONNXRUNTIME_INCLUDE_DIR}")  # the build runs in a directory of its own
+    message(FATAL_ERROR "ONNXRUNTIME_INCLUDE_DIR=${ONNXRUNTIME_INCLUDE_DIR} must be an absolute "
+                        "path to the directory that holds onnxruntime's headers.")
+  endif()
+  if(NOT EXISTS "${ONNXRUNTIME_INCLUDE_DIR}/onnxruntime_cxx_api.h"
+     OR NOT EXISTS "${ONNXRUNTIME_INCLUDE_DIR}/onnxruntime_c_api.h")
+    message(FATAL_ERROR "ONNXRUNTIME_INCLUDE_DIR=${ONNXRUNTIME_INCLUDE_DIR} lacks "
+                        "onnxruntime_c_api.h or onnxruntime_cxx_api.h: point it at the directory "
+                        "that holds onnxruntime's headers.")
   endif()
   set(OrtHeaders_INCLUDE_DIR "${ONNXRUNTIME_INCLUDE_DIR}")
   set(OrtHeaders_ROUTE "the user path ONNXRUNTIME_INCLUDE_DIR")
@@ -67,9 +83,13 @@ if(NOT OrtHeaders_ROUTE)
   find_path(ONNXRUNTIME_INSTALLED_INCLUDE_DIR onnxruntime_cxx_api.h
             HINTS ${_ort_hints}
             PATH_SUFFIXES onnxruntime onnxruntime/core/session)
-  if(ONNXRUNTIME_INSTALLED_INCLUDE_DIR)
+  _ort_api_version("${ONNXRUNTIME_INSTALLED_INCLUDE_DIR}" _installed_api)
+  if(ONNXRUNTIME_INSTALLED_INCLUDE_DIR AND _installed_api GREATER_EQUAL 21)
     set(OrtHeaders_INCLUDE_DIR "${ONNXRUNTIME_INSTALLED_INCLUDE_DIR}")
     set(OrtHeaders_ROUTE "an installed onnxruntime development package")
+  elseif(ONNXRUNTIME_INSTALLED_INCLUDE_DIR)  # too old: the next routes may do
+    set(_old "${ONNXRUNTIME_INSTALLED_INCLUDE_DIR}: API ${_installed_api}, older than 21")
+    list(APPEND _ort_tried "an installed development package in ${_old}")
   else()
     list(APPEND _ort_tried "no installed onnxruntime development package")
   endif()
@@ -134,9 +154,7 @@ if(OrtHeaders_ROUTE AND NOT OrtHeaders_INCLUDE_DIR)  # fetched just now
 endif()
 
 if(OrtHeaders_INCLUDE_DIR)
-  file(STRINGS "${OrtHeaders_INCLUDE_DIR}/onnxruntime_c_api.h" _ort_define
-       REGEX "^#define ORT_API_VERSION [0-9]+")
-  string(REGEX REPLACE ".* ([0-9]+)$" "\\1" OrtHeaders_API_VERSION "${_ort_define}")
+  _ort_api_version("${OrtHeaders_INCLUDE_DIR}" OrtHeaders_API_VERSION)
 endif()
 
 string(REPLACE ";" "\n  " _ort_tried "${_ort_tried}")
