@@ -1,6 +1,7 @@
 """The ``haste-onnx`` command: parse options, call the library, print, set the exit code.
 
-Exit codes: 0 success, 1 fidelity failure, 2 bad usage or input.
+Exit codes: 0 success, 1 fidelity failure, 2 bad usage or input, 130 interrupted, 141 the reader
+of the output went away.
 """
 
 from __future__ import annotations
@@ -342,7 +343,8 @@ class _Group(click.Group):
 def main() -> None:
     """Make convolutional ONNX models cheaper with HASTE channel merging.
 
-    Exit codes: 0 success, 1 fidelity failure, 2 bad usage or input, 130 interrupted.
+    Exit codes: 0 success, 1 fidelity failure, 2 bad usage or input, 130 interrupted, 141 the
+    reader of the output went away.
     """
 
 

@@ -71,12 +71,11 @@ def default_output(path: Path) -> Path:
 def check_output_path(source: Path, output: Path) -> None:
     """Refuse outputs that would overwrite the input or land where nothing can be written."""
     if output.resolve() == source.resolve():
-        raise InputError(f"output path is the input model: {output}; choose another --output")
+        raise InputError(f"output path is the input model: {output}; choose another output")
     data = output.with_name(output.name + ".data")
     if data.resolve() in ir.external_data_files(source):
         raise InputError(
-            f"the output's data file {data} holds the input model's tensors: choose another "
-            "--output"
+            f"the output's data file {data} holds the input model's tensors: choose another output"
         )
     check_writable(output)
 

@@ -31,6 +31,10 @@ def _type_name(attribute_type: int) -> str:
 
 
 class HasteConv(OpRun):
+    """HasteConv for onnx's reference evaluator: ``ReferenceEvaluator(model,
+    new_ops=[HasteConv])`` runs a converted model with the numpy reference
+    (:func:`haste_onnx.reference.haste_conv`) in place of the C++ operator."""
+
     op_domain = DOMAIN
 
     def _run(  # type: ignore[override]
