@@ -287,7 +287,10 @@ def chosen_layers(
     layer of the trained Fashion-MNIST models, fed with its real activations (batch images)."""
     rng = np.random.default_rng(0)
     for case in cases:
-        channels, size, target = (float(v) for v in case.split(":"))
+        try:
+            channels, size, target = (float(v) for v in case.split(":"))
+        except ValueError:
+            raise SystemExit(f"--case {case}: expected C:H:r_target, e.g. 128:28:0.5") from None
         c = int(channels)
         w = (rng.standard_normal((c, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32)
         b = rng.standard_normal(c).astype(np.float32)
@@ -464,6 +467,15 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, help="write the speedup-vs-r plot (PNG) here")
     args = parser.parse_args()
     repeats = args.repeats or (7 if args.quick else 15)
+    if args.plot is not None:  # before the run, not after it
+        if "layers" in args.skip:
+            parser.error("--plot draws the layers section: do not skip it")
+        if not args.plot.parent.is_dir():
+            parser.error(f"--plot: no directory {args.plot.parent}")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib")
 
     print(
         f"onnxruntime {ort.__version__}; ratios are HasteConv time / Conv time, medians of "

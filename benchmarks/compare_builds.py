@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     cases = args.case or ([] if args.layer else list(DEFAULT_CASES))
+    if missing := [library for library in args.libraries if not os.path.isfile(library)]:
+        parser.error(f"no such library: {', '.join(missing)}")
 
     print(f"onnxruntime {ort.__version__}; HasteConv time / Conv time, minimum of")
     print(f"{args.repeats} interleaved samples of thread CPU time, 1 thread, L = 14\n")

@@ -145,6 +145,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     cases = args.case or ([] if args.layer else list(DEFAULT_CASES))
+    if missing := [library for library in [args.library] if not os.path.isfile(library)]:
+        parser.error(f"no such library: {', '.join(missing)}")
     hook = Profile(os.path.abspath(args.library))
     print(
         f"onnxruntime {ort.__version__}; 1 thread, L = 14, T = {DEFAULT_TILE}; means of "
