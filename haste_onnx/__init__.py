@@ -11,6 +11,7 @@ line does first) loads neither onnx nor onnxruntime.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -63,12 +64,16 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _HOME:
+    """A name of ``__all__``, or a submodule (``haste_onnx.speed``), imported on first use."""
+    if name in _HOME:
+        value = getattr(importlib.import_module(_HOME[name]), name)
+    elif importlib.util.find_spec(f"haste_onnx.{name}") is not None:
+        value = importlib.import_module(f"haste_onnx.{name}")
+    else:
         raise AttributeError(f"module 'haste_onnx' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_HOME[name]), name)
     globals()[name] = value  # imported once
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_HOME])
+    return sorted({*globals(), *_HOME})

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -58,12 +59,16 @@ class Staging:
         self._actions.append(action)
 
     def commit(self) -> None:
-        """Move every staged file into place, with Ctrl-C and termination held back meanwhile, so
-        that no new file is left beside an old one it does not belong with."""
-        held = {getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)}
-        mask = hasattr(signal, "pthread_sigmask")
-        if mask:
-            signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        """Move every staged file into place. A Ctrl-C or termination signal that arrives
+        meanwhile takes effect once all are moved, so that no new file is left beside an old
+        one it does not belong with."""
+        caught: list[int] = []
+        previous = {}
+        if threading.current_thread() is threading.main_thread():  # where handlers can be set
+            for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+                if hasattr(signal, name):
+                    number = getattr(signal, name)
+                    previous[number] = signal.signal(number, lambda n, _: caught.append(n))
         try:
             for staged, destination in self._moves:
                 os.replace(staged, destination)
@@ -71,8 +76,10 @@ class Staging:
             raise InputError(f"cannot write {destination}: {exc.strerror or exc}") from None
         finally:
             self._moves.clear()
-            if mask:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+            for number in caught:  # now, to whatever handled it before
+                signal.raise_signal(number)
         for action in self._actions:
             action()
         self._actions.clear()

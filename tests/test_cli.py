@@ -3,9 +3,13 @@
 import builtins
 import errno
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import graphs
@@ -457,6 +461,11 @@ def test_the_command_imports_nothing_heavy_before_it_can_handle_ctrl_c(tmp_path)
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
     )
     assert proc.stdout.strip() == "[]"
+    code = "import haste_onnx; print(haste_onnx.speed.time_layers, haste_onnx.errors.InputError)"
+    proc = subprocess.run(  # the submodules the README uses, from a fresh import
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert proc.returncode == 0 and "time_layers" in proc.stdout, proc.stderr
     import haste_onnx
 
     assert all(getattr(haste_onnx, name) is not None for name in haste_onnx.__all__)
@@ -512,3 +521,26 @@ def test_inspect_needs_no_float_inputs_nor_every_size(tmp_path):
     code, out, err = run("inspect", path)
     assert code == 0, err
     assert "features.1" in out and "without 5 of unknown shape" in out and "--dim NAME=SIZE" in out
+
+
+def test_a_signal_during_the_moves_takes_effect_once_all_are_moved(tmp_path, monkeypatch):
+    real_replace = os.replace
+
+    def replace_then_interrupt(source, destination):
+        real_replace(source, destination)
+        # Ctrl-C after the first file, as the terminal sends it: to the process, where any of
+        # its threads may take it (onnxruntime's workers are threads of their own)
+        sender = threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGINT))
+        sender.start()
+        sender.join()
+        time.sleep(0.01)  # the main thread's handler runs between two bytecodes
+
+    files = [tmp_path / "model.onnx", tmp_path / "report.json"]
+    with staging.Staging() as stage:
+        for path in files:
+            stage.write(path, lambda staged: staged.write_text("whole"))
+        monkeypatch.setattr(staging.os, "replace", replace_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            stage.commit()
+    assert [path.read_text() for path in files] == ["whole", "whole"]
+    assert sorted(tmp_path.iterdir()) == files
