@@ -63,16 +63,18 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """A name of ``__all__``, or a submodule (``haste_onnx.speed``), imported on first use."""
-    if name in _HOME:
-        value = getattr(importlib.import_module(_HOME[name]), name)
-    elif importlib.util.find_spec(f"haste_onnx.{name}") is not None:
-        value = importlib.import_module(f"haste_onnx.{name}")
-    else:
-        raise AttributeError(f"module 'haste_onnx' has no attribute {name!r}")
-    globals()[name] = value  # imported once
-    return value
+if not TYPE_CHECKING:  # type checkers see the imports above, and a misspelt name stays an error
+
+    def __getattr__(name: str) -> Any:
+        """A name of ``__all__``, or a submodule (``haste_onnx.speed``), imported on first use."""
+        if name in _HOME:
+            value = getattr(importlib.import_module(_HOME[name]), name)
+        elif importlib.util.find_spec(f"haste_onnx.{name}") is not None:
+            value = importlib.import_module(f"haste_onnx.{name}")
+        else:
+            raise AttributeError(f"module 'haste_onnx' has no attribute {name!r}")
+        globals()[name] = value  # imported once
+        return value
 
 
 def __dir__() -> list[str]:
