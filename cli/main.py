@@ -22,7 +22,7 @@ from haste_onnx import evaluate as evaluation
 from haste_onnx import pipeline as api
 from haste_onnx.errors import HasteError, InputError
 from haste_onnx.passes.rewrite import HasteOptions
-from haste_onnx.staging import Staging
+from haste_onnx.staging import Staging, check_writable
 from haste_onnx.verify import Tolerances, Verification
 
 EXIT_FIDELITY, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130  # 130: the shells' code for Ctrl-C
@@ -255,6 +255,8 @@ def _start(
     for --plot: a bad path fails before any work is done."""
     reports = {"--json": kw["json_path"], "--plot": plot}
     reports = {option: path for option, path in reports.items() if path not in (None, Path("-"))}
+    if not reports:  # nothing to check: the models' data files need not be read
+        return _Console(kw["quiet"], kw["json_path"])
     taken = {}
     for model in models:
         taken[model.resolve()] = f"the model {model}"
@@ -264,7 +266,7 @@ def _start(
         if file is not None:
             taken.setdefault(file.resolve(), f"the input file {file}")
     for option, path in reports.items():
-        api.check_writable(path, option)
+        check_writable(path, option)
         if path.resolve() in taken:
             raise InputError(f"{option} {path} would overwrite {taken[path.resolve()]}")
         taken[path.resolve()] = f"the {option} file"

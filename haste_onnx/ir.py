@@ -17,7 +17,7 @@ from onnx import numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, set_external_data
 
 from haste_onnx.errors import InputError
-from haste_onnx.staging import Staging
+from haste_onnx.staging import Staging, check_writable
 
 PROTOBUF_LIMIT = 2**31 - 1
 """Models whose serialized size would exceed this must keep their tensors as external data."""
@@ -110,10 +110,7 @@ def stage(
     """Stage ``model`` for ``path``; its tensors go to ``<name>.data`` when asked or needed.
     Returns the files it will write."""
     path = Path(path)
-    if not path.parent.is_dir():
-        raise InputError(f"output directory does not exist: {path.parent}")
-    if not os.access(path.parent, os.W_OK):
-        raise InputError(f"output directory is not writable: {path.parent}")
+    check_writable(path)
     external = external_data or too_large(model)
     return staging.write(
         path, lambda staged: _save(model, staged, staged.name + ".data" if external else None)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from haste_onnx.passes.rewrite import (
     plans_of,
     rewrite,
 )
-from haste_onnx.staging import Staging
+from haste_onnx.staging import Staging, check_writable
 from haste_onnx.verify import Progress, Tolerances, Verification, verify
 
 
@@ -68,28 +67,17 @@ def default_output(path: Path) -> Path:
     return path.with_name(path.name.removesuffix(".onnx") + ".haste.onnx")
 
 
-def check_output_path(source: Path, output: Path) -> None:
-    """Refuse outputs that would overwrite the input or land where nothing can be written."""
+def check_output_path(source: Path, output: Path, source_data: set[Path]) -> None:
+    """Refuse outputs that would overwrite the input (``source_data``: its external data files)
+    or land where nothing can be written."""
     if output.resolve() == source.resolve():
         raise InputError(f"output path is the input model: {output}; choose another output")
     data = output.with_name(output.name + ".data")
-    if data.resolve() in ir.external_data_files(source):
+    if data.resolve() in source_data:
         raise InputError(
             f"the output's data file {data} holds the input model's tensors: choose another output"
         )
     check_writable(output)
-
-
-def check_writable(path: Path, what: str = "output") -> None:
-    """Refuse a file path (``what``: the option it comes from) that is a directory, or whose
-    directory is missing or read-only: checked before any work, not found out after it."""
-    if path.is_dir():
-        raise InputError(f"{what} path is a directory: {path}")
-    directory = path.parent
-    if not directory.is_dir():
-        raise InputError(f"{what} directory does not exist: {directory}")
-    if not os.access(directory, os.W_OK):
-        raise InputError(f"{what} directory is not writable: {directory}")
 
 
 def load_original(path: str | Path) -> onnx.ModelProto:
@@ -152,7 +140,8 @@ def convert(
         raise InputError(f"threads = {threads} must be >= 1")
     source = Path(source)
     target = Path(output) if output is not None else default_output(source)
-    check_output_path(source, target)
+    source_data = ir.external_data_files(source)
+    check_output_path(source, target, source_data)
     say = progress or (lambda _: None)
     say(f"loading {source}")
     original = load_original(source)
@@ -196,7 +185,7 @@ def convert(
         [],
         model_timing,
         target,
-        bool(ir.external_data_files(source)),
+        bool(source_data),
     )
     if write and (verification.passed or force):
         say(f"writing {target}")

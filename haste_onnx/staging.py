@@ -20,6 +20,18 @@ from types import TracebackType
 from haste_onnx.errors import InputError
 
 
+def check_writable(path: Path, what: str = "output") -> None:
+    """Refuse a file path (``what``: the option it comes from) that is a directory, or whose
+    directory is missing or read-only: checked before any work, not found out after it."""
+    if path.is_dir():
+        raise InputError(f"{what} path is a directory: {path}")
+    directory = path.parent
+    if not directory.is_dir():
+        raise InputError(f"{what} directory does not exist: {directory}")
+    if not os.access(directory, os.W_OK):
+        raise InputError(f"{what} directory is not writable: {directory}")
+
+
 class Staging:
     def __init__(self) -> None:
         self._directories: list[Path] = []
