@@ -211,6 +211,32 @@ def with_outputs(
     return probe
 
 
+def declare_float_outputs(
+    graph: onnx.GraphProto, names: Iterable[str], source: onnx.ModelProto
+) -> None:
+    """Give the tensors ``names`` (outputs of the operator's nodes in ``graph``) a value_info,
+    with the type and shape onnx's shape inference finds for them in ``source`` (the original
+    model), or float32 of unknown shape. onnx has no schema for a custom operator: without
+    them, shape inference types nothing after it, and the tools built on it (quantization,
+    onnx.utils.extract_model) fail on the converted model."""
+    declared = {v.name for v in [*graph.input, *graph.value_info, *graph.output]}
+    missing = [name for name in dict.fromkeys(names) if name not in declared]
+    if not missing:
+        return
+    inferred: dict[str, onnx.ValueInfoProto] = {}
+    if not too_large(source):
+        try:
+            found = onnx.shape_inference.infer_shapes(source).graph
+            inferred = {v.name: v for v in found.value_info}
+        except (onnx.shape_inference.InferenceError, ValueError):
+            pass  # the fallback below
+    for name in missing:
+        value = inferred.get(name)
+        if value is None or value.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+            value = onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+        graph.value_info.append(value)
+
+
 def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
     """The graphs ``node`` holds: the branches of an If, the body of a Loop or Scan."""
     return [g for a in node.attribute for g in ([a.g] if a.HasField("g") else a.graphs)]

@@ -91,6 +91,25 @@ def test_resnet_like_folds_bn_fuses_relu_and_keeps_strided_convs(tmp_path):
     assert make_session(str(tmp_path / "out.onnx")).run(None, {"x": x})[0].shape == (5, 10)
 
 
+def test_shape_inference_types_every_tensor_after_a_hasteconv(tmp_path):
+    """onnx knows no schema for HasteConv: the converter declares its outputs, so that shape
+    inference (and quantization or extract_model, built on it) still types the whole graph."""
+    original = graphs.resnet_like()
+    assert not original.graph.value_info  # as exported: nothing declared but inputs and outputs
+    convert(save(original, tmp_path), tmp_path / "out.onnx")
+    converted = onnx.load(tmp_path / "out.onnx")
+
+    def inferred(model: onnx.ModelProto) -> dict[str, str]:
+        graph = onnx.shape_inference.infer_shapes(model).graph
+        return {v.name: str(v.type) for v in graph.value_info}
+
+    before, after = inferred(original), inferred(converted)
+    outputs = {o.name for o in converted.graph.output}
+    kept = {o for n in converted.graph.node for o in n.output} - outputs
+    assert kept <= set(after)  # every tensor of the converted graph is typed, as before
+    assert {name: after[name] for name in kept} == {name: before[name] for name in kept}
+
+
 def test_vgg_like_converts_every_conv_after_the_stem(tmp_path):
     result = convert(save(graphs.vgg_like(), tmp_path), tmp_path / "out.onnx")
     assert result.passed

@@ -368,6 +368,7 @@ def rewrite(
     for v in stale:
         graph.value_info.remove(v)
     ir.remove_unused_initializers(graph)
+    ir.declare_float_outputs(graph, [p.output for p in plans], model)
     # Before IR 4 every initializer is also listed as a graph input.
     former = {t.name for t in model.graph.initializer}
     ir.sync_initializer_inputs(graph, former, list_new=out.ir_version < 4)
