@@ -7,6 +7,7 @@ import copy
 import functools
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -131,6 +132,9 @@ def _save(model: onnx.ModelProto, path: Path, data_name: str | None) -> None:
         if len(tensor.raw_data) >= 1024:
             set_external_data(tensor, data_name)
     onnx.save_model(model, path)  # writes the tensors marked external into data_name
+    data = path.parent / data_name
+    if data.is_file():  # onnx creates it readable by its owner only; share it as the model is
+        data.chmod(stat.S_IMODE(path.stat().st_mode))
 
 
 def session_source(model: onnx.ModelProto) -> bytes | str:

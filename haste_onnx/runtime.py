@@ -11,12 +11,14 @@ import os
 import threading
 import weakref
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 import onnx
 import onnxruntime as ort
 
 from haste_onnx import ir
+from haste_onnx.errors import InputError
 
 LIBRARY_NAME = "libhaste_onnx_ops.so"
 
@@ -27,13 +29,25 @@ _registered_lock = threading.Lock()
 
 
 def get_library_path() -> str:
-    """Path of the HasteConv custom-operator library inside the installed package."""
+    """Path of the HasteConv custom-operator library inside the installed package.
+
+    Imported from a source tree (Python started in a checkout), the package has no build of the
+    library beside it; the library of the installed distribution is then used, if there is one.
+    """
     path = Path(__file__).resolve().parent / LIBRARY_NAME
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing: the HasteConv operator library is built when the package is "
-            "installed (`pip install .`); an import from a source tree has no build of it"
-        )
+        try:
+            installed = Path(
+                str(distribution("haste-onnx").locate_file(f"haste_onnx/{LIBRARY_NAME}"))
+            )
+        except PackageNotFoundError:
+            installed = path
+        if not installed.is_file():
+            raise FileNotFoundError(
+                f"{path} is missing: the HasteConv operator library is built when the package "
+                "is installed (`pip install .`), and no installed haste-onnx was found"
+            )
+        path = installed
     return str(path)
 
 
@@ -44,10 +58,12 @@ def make_session(
     sess_options: ort.SessionOptions | None = None,
 ) -> ort.InferenceSession:
     """An onnxruntime session for ``model`` (a ModelProto, a path or serialized bytes) with the
-    HasteConv library registered.
+    HasteConv library registered. HasteConv runs on the CPU whatever the providers.
 
-    ``sess_options`` are used as given and may be reused: the library is registered on them
-    once. ``intra_op_num_threads``, when set, overrides theirs.
+    ``sess_options`` may be reused: the library is registered on them once, and they must not
+    have it registered otherwise (onnxruntime refuses a second registration when the session is
+    made). ``intra_op_num_threads``, when set, is set on them. A model with external data loads
+    from its path, not as bytes (onnxruntime looks for the data files beside the model file).
     """
     options = sess_options if sess_options is not None else ort.SessionOptions()
     with _registered_lock:
@@ -60,7 +76,15 @@ def make_session(
         model = model.SerializeToString()
     elif not isinstance(model, bytes):
         model = os.fspath(model)
-    return ort.InferenceSession(model, sess_options=options, providers=list(providers))
+    try:
+        return ort.InferenceSession(model, sess_options=options, providers=list(providers))
+    except ort.capi.onnxruntime_pybind11_state.Fail as exc:
+        if "Domain already set in registry" not in str(exc):
+            raise
+        raise InputError(
+            "the HasteConv library is registered twice on these SessionOptions: give "
+            "make_session options without it, or pass them to onnxruntime.InferenceSession"
+        ) from None
 
 
 def quiet_session(

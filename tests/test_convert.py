@@ -1,5 +1,6 @@
 """End-to-end conversion through the Python API."""
 
+import stat
 from pathlib import Path
 
 import graphs
@@ -225,6 +226,8 @@ def test_external_data_models_load_and_save(tmp_path):
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
     x = np.zeros((1, 3, 32, 32), np.float32)
     assert make_session(str(tmp_path / "out.onnx")).run(None, {"input": x})[0].shape == (1, 10)
+    modes = [stat.S_IMODE(p.stat().st_mode) for p in result.written]
+    assert modes[1] == modes[0]  # whoever may read the model may read its weights
 
 
 def test_external_data_is_written_beside_the_output_whatever_the_current_directory(

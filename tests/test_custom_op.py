@@ -11,6 +11,7 @@ import itertools
 import os
 import threading
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,8 @@ from onnx.reference import ReferenceEvaluator
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
 
 import haste_onnx
+from haste_onnx import runtime
+from haste_onnx.errors import InputError
 from haste_onnx.hashing import make_planes
 from haste_onnx.opdef import DOMAIN, make_node
 from haste_onnx.reference import HasteConv, haste_conv
@@ -555,6 +558,27 @@ def test_library_is_installed_in_the_package() -> None:
     path = Path(get_library_path())
     assert path.parent == Path(haste_onnx.__file__).resolve().parent
     assert path.name == "libhaste_onnx_ops.so"
+
+
+def test_a_source_tree_import_uses_the_installed_library(tmp_path, monkeypatch) -> None:
+    installed = get_library_path()
+    monkeypatch.setattr(runtime, "__file__", str(tmp_path / "haste_onnx" / "runtime.py"))
+    assert get_library_path() == installed  # Python started in a checkout: no build beside it
+
+    def missing(name: str) -> None:
+        raise PackageNotFoundError(name)
+
+    monkeypatch.setattr(runtime, "distribution", missing)
+    with pytest.raises(FileNotFoundError, match="no installed haste-onnx was found"):
+        get_library_path()
+
+
+def test_make_session_says_when_the_options_have_the_library_already() -> None:
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(get_library_path())  # as the README's first snippet
+    model = haste_model(np.ones((3, 4, 3, 3), np.float32), np.ones((2, 25), np.float32))
+    with pytest.raises(InputError, match="registered twice on these SessionOptions"):
+        make_session(model, sess_options=options)
 
 
 def test_make_session_registers_the_library(tmp_path: Path) -> None:
