@@ -1,7 +1,7 @@
 """The ``haste-onnx`` command: parse options, call the library, print, set the exit code.
 
-Exit codes: 0 success, 1 fidelity failure, 2 bad usage or input, 130 interrupted, 141 the reader
-of the output went away.
+Exit codes: 0 success, 1 fidelity failure, 2 bad usage or input, 3 nothing to write (--only-faster
+kept no layer), 130 interrupted, 141 the reader of the output went away.
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from haste_onnx import datasets, ir, report
 from haste_onnx import evaluate as evaluation
 from haste_onnx import pipeline as api
-from haste_onnx.errors import HasteError, InputError
+from haste_onnx.errors import HasteError, InputError, NothingFaster
 from haste_onnx.passes.rewrite import HasteOptions
 from haste_onnx.staging import Staging, check_writable
 from haste_onnx.verify import Tolerances, Verification
 
 EXIT_FIDELITY, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130  # 130: the shells' code for Ctrl-C
 EXIT_BROKEN_PIPE = 141  # the shells' code for a process ended by SIGPIPE
+EXIT_NOTHING_FASTER = 3  # convert --only-faster kept no layer: nothing to write, no error either
 
 
 def _pairs(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> dict[str, int]:
@@ -327,6 +328,8 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except NothingFaster as exc:
+            _fail(str(exc), EXIT_NOTHING_FASTER)
         except (HasteError, ValueError) as exc:
             _fail(str(exc), EXIT_USAGE)
         except _ORT_ERRORS as exc:  # a model or an input that onnxruntime refuses
@@ -345,8 +348,8 @@ class _Group(click.Group):
 def main() -> None:
     """Make convolutional ONNX models cheaper with HASTE channel merging.
 
-    Exit codes: 0 success, 1 fidelity failure, 2 bad usage or input, 130 interrupted, 141 the
-    reader of the output went away.
+    Exit codes: 0 success, 1 fidelity failure, 2 bad usage or input, 3 --only-faster kept no
+    layer (nothing written), 130 interrupted, 141 the reader of the output went away.
     """
 
 
@@ -526,7 +529,7 @@ def convert(
         wrote = (
             f"written anyway (--force): {written[0]}"
             if written
-            else "nothing written (use --force to write it anyway)"
+            else "the model is not written (use --force to write it anyway)"
         )
         _fail(
             "fidelity check failed: " + "; ".join(result.verification.failures) + "; " + wrote,

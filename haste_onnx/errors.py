@@ -9,5 +9,5 @@ class InputError(HasteError, ValueError):
     """The model, an input file, an option or an output path cannot be used (exit code 2)."""
 
 
-class FidelityError(HasteError):
-    """A converted model's outputs are out of tolerance (exit code 1)."""
+class NothingFaster(HasteError):
+    """``--only-faster`` kept no layer: none makes the model faster here (exit code 3)."""

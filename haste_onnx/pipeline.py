@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 
 from haste_onnx import inputs, ir, opdef, report, speed
-from haste_onnx.errors import HasteError, InputError
+from haste_onnx.errors import HasteError, InputError, NothingFaster
 from haste_onnx.passes.rewrite import (
     ConvDecision,
     HasteOptions,
@@ -164,10 +164,12 @@ def convert(
         )
         time_ratios = {name: timing.ratio for name, timing in layer_timings.items()}
         if not plans:
-            reasons = "; ".join(f"{d.name}: {d.reason}" for d in decisions)
-            raise InputError(
+            alone = ", ".join(f"{name} {t.ratio:.2f}" for name, t in layer_timings.items())
+            whole = any(t.faster for t in layer_timings.values())
+            raise NothingFaster(
                 f"--only-faster: no layer of {source} makes it faster as HasteConv on this "
-                f"machine, so nothing is written — {reasons}"
+                f"machine, so nothing is written (HasteConv / Conv time, each layer alone: {alone}"
+                + ("; those faster alone did not make the whole model faster)" if whole else ")")
             )
     verification = verify(
         original, converted, plans, feeds.arrays, feeds.description, tolerances or Tolerances(), say

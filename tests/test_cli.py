@@ -86,11 +86,14 @@ def test_quiet_prints_nothing_on_success(example):
     assert code == 0 and out == "" and err == ""
 
 
-def test_fidelity_failure_exits_1_and_writes_nothing(example, tmp_path):
-    code, _, err = run("convert", example, "--min-cosine", "0.9999999")
+def test_fidelity_failure_exits_1_and_writes_the_report_not_the_model(example, tmp_path):
+    report = tmp_path / "r.json"
+    code, _, err = run("convert", example, "--min-cosine", "0.9999999", "--json", report)
     assert code == 1
-    assert "fidelity check failed" in err and "would pass" in err and "nothing written" in err
+    assert "fidelity check failed" in err and "would pass" in err and "model is not written" in err
     assert not (tmp_path / "example.haste.onnx").exists()
+    doc = json.loads(report.read_text())
+    assert doc["passed"] is False and doc["output"] == []
     code, _, err = run("convert", example, "--min-cosine", "0.9999999", "--force", "-q")
     assert code == 1 and (tmp_path / "example.haste.onnx").exists()
 

@@ -10,7 +10,7 @@ import pytest
 from oracles import conv2d
 
 from haste_onnx import ir, opdef, speed
-from haste_onnx.errors import InputError
+from haste_onnx.errors import InputError, NothingFaster
 from haste_onnx.passes.rewrite import HasteOptions, rewrite
 from haste_onnx.pipeline import convert
 from haste_onnx.runtime import make_session
@@ -158,7 +158,7 @@ def test_only_faster_with_no_faster_layer_writes_nothing(tmp_path, monkeypatch):
         lambda model, feeds, **kw: dict.fromkeys(haste_outputs(model), timing(2.0, 0)),
     )
     out = tmp_path / "example.haste.onnx"
-    with pytest.raises(InputError, match="not faster as HasteConv"):
+    with pytest.raises(NothingFaster, match="each layer alone: layer1 2.00, block.conv1 2.00"):
         convert(EXAMPLE, out, only_faster=True)
     assert not out.exists()
 
@@ -234,10 +234,30 @@ def test_only_faster_writes_nothing_when_the_whole_model_is_never_faster(tmp_pat
         speed, "time_model", lambda original, converted, feeds, **kw: timing(1.01, 4)
     )
     out = tmp_path / "example.haste.onnx"
-    with pytest.raises(InputError, match="nothing is written") as error:
+    with pytest.raises(NothingFaster, match="nothing is written") as error:
         convert(EXAMPLE, out, only_faster=True)
-    assert str(error.value).count("not faster in the whole model") == 4
+    assert str(error.value).count(" 0.50") == 4  # each layer's time alone
+    assert "those faster alone did not make the whole model faster" in str(error.value)
     assert not out.exists()
+
+
+def test_cli_exits_3_when_only_faster_keeps_no_layer(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from haste_onnx.cli.main import main
+
+    monkeypatch.setattr(
+        speed,
+        "time_layers",
+        lambda model, feeds, **kw: dict.fromkeys(haste_outputs(model), timing(1.2, 0)),
+    )
+    src = tmp_path / "example.onnx"
+    src.write_bytes(EXAMPLE.read_bytes())
+    result = CliRunner().invoke(
+        main, ["convert", str(src), "--only-faster", "--json", str(tmp_path / "r.json")]
+    )
+    assert result.exit_code == 3, result.output
+    assert "no layer of" in result.output and "layer1 1.20" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["example.onnx"]  # nothing written
 
 
 def test_timing_with_threads_does_not_spin(monkeypatch):
