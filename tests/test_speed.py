@@ -10,7 +10,7 @@ import pytest
 from oracles import conv2d
 
 from haste_onnx import ir, opdef, speed
-from haste_onnx.errors import InputError, NothingFaster
+from haste_onnx.errors import NothingFaster
 from haste_onnx.passes.rewrite import HasteOptions, rewrite
 from haste_onnx.pipeline import convert
 from haste_onnx.runtime import make_session
