@@ -166,6 +166,39 @@ _policy_options = _stack(
 """Which Convs are converted, and the operator's shape (convert, inspect, evaluate)."""
 
 
+def _listing(kind: type) -> Callable[[click.Context, click.Parameter, str], tuple[Any, ...]]:
+    """A click callback parsing a comma-separated list of ``kind``."""
+
+    def parse(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[Any, ...]:
+        try:
+            return tuple(kind(v) for v in value.split(","))
+        except ValueError:
+            raise click.BadParameter(
+                f"expected comma-separated {kind.__name__} values, got {value!r}"
+            ) from None
+
+    return parse
+
+
+_scale_options = _stack(
+    click.option(
+        "--mean",
+        default="0",
+        callback=_listing(float),
+        show_default=True,
+        help="Subtracted from raw image pixels (0..255), one or one per channel.",
+    ),
+    click.option(
+        "--std",
+        default="255",
+        callback=_listing(float),
+        show_default=True,
+        help="Divides raw image pixels after the mean, one or one per channel.",
+    ),
+)
+"""How images become the model's input: (pixel - mean) / std."""
+
+
 _input_options = _stack(
     click.option(
         "--inputs",
@@ -189,6 +222,7 @@ _input_options = _stack(
         metavar="NAME=SIZE",
         help="Size of a named dynamic input dimension; repeatable.",
     ),
+    _scale_options,
 )
 
 
@@ -369,7 +403,12 @@ def _options(kw: dict[str, Any]) -> HasteOptions:
 
 def _verify_options(kw: dict[str, Any]) -> api.VerifyOptions:
     return api.VerifyOptions(
-        inputs=kw["inputs"], batch=kw["batch"], dims=kw["dims"], seed=kw["seed"]
+        inputs=kw["inputs"],
+        batch=kw["batch"],
+        dims=kw["dims"],
+        seed=kw["seed"],
+        mean=kw["mean"],
+        std=kw["std"],
     )
 
 
@@ -623,20 +662,6 @@ DATA_SETS: dict[str, tuple[str, Callable[[], tuple[np.ndarray, np.ndarray]]]] = 
 }
 
 
-def _listing(kind: type) -> Callable[[click.Context, click.Parameter, str], tuple[Any, ...]]:
-    """A click callback parsing a comma-separated list of ``kind``."""
-
-    def parse(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[Any, ...]:
-        try:
-            return tuple(kind(v) for v in value.split(","))
-        except ValueError:
-            raise click.BadParameter(
-                f"expected comma-separated {kind.__name__} values, got {value!r}"
-            ) from None
-
-    return parse
-
-
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option(
@@ -645,20 +670,7 @@ def _listing(kind: type) -> Callable[[click.Context, click.Parameter, str], tupl
     help=f"Labeled data: {', '.join(DATA_SETS)}, an .npz (images, labels), a folder "
     "of idx files, or a labeled image folder.",
 )
-@click.option(
-    "--mean",
-    default="0",
-    callback=_listing(float),
-    show_default=True,
-    help="Subtracted from raw pixel values (0..255), one or one per channel.",
-)
-@click.option(
-    "--std",
-    default="255",
-    callback=_listing(float),
-    show_default=True,
-    help="Divides raw pixel values after the mean, one or one per channel.",
-)
+@_scale_options
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use the first N images.")
 @click.option(
     "--planes",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,7 +97,7 @@ def _load_images(folder: Path, shape: tuple[int, ...]) -> np.ndarray:
             f"an image folder feeds a [N, 1 or 3, H, W] input, the model has {list(shape)}"
         )
     mode = "L" if shape[1] == 1 else "RGB"
-    return datasets.read_images(files, mode, (shape[3], shape[2])).astype(np.float32) / 255.0
+    return datasets.read_images(files, mode, (shape[3], shape[2])).astype(np.float32)
 
 
 def _as_input(value: onnx.ValueInfoProto, array: np.ndarray) -> np.ndarray:
@@ -132,11 +132,18 @@ def _load_arrays(path: Path, names: list[str]) -> dict[str, np.ndarray]:
 
 
 def user_feeds(
-    model: onnx.ModelProto, path: str | Path, dims: Mapping[str, int] | None = None
+    model: onnx.ModelProto,
+    path: str | Path,
+    dims: Mapping[str, int] | None = None,
+    mean: Sequence[float] = (0.0,),
+    std: Sequence[float] = (255.0,),
 ) -> Feeds:
     """Inputs from a .npy (one-input models), a .npz (keys are input names) or an image folder
-    (pixels scaled to [0, 1], resized to the input's height and width)."""
+    (resized to the input's height and width, grey or RGB as it has 1 or 3 channels, its 0..255
+    pixels made ``(pixel - mean) / std``, one value or one per channel: [0, 1] by default)."""
     path = Path(path)
+    if not path.is_dir() and (tuple(mean), tuple(std)) != ((0.0,), (255.0,)):
+        raise InputError("--mean and --std scale image folders; arrays are used as they are")
     inputs = ir.graph_inputs(model)
     names = [i.name for i in inputs]
     if not path.exists():
@@ -145,7 +152,10 @@ def user_feeds(
         if len(inputs) != 1:
             raise InputError(f"an image folder can feed a one-input model; this one has {names}")
         shape = resolve_shape(inputs[0], 1, dims or {})
-        arrays = {names[0]: _load_images(path, shape)}
+        try:
+            arrays = {names[0]: datasets.normalize(_load_images(path, shape), mean, std)}
+        except ValueError as exc:  # the mean or std: not finite, or not one per channel
+            raise InputError(f"--mean/--std: {exc}") from None
     elif path.suffix in (".npy", ".npz"):
         if path.suffix == ".npy" and len(inputs) != 1:
             raise InputError(

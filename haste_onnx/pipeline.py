@@ -31,6 +31,8 @@ class VerifyOptions:
     batch: int = 2
     dims: Mapping[str, int] = dataclasses.field(default_factory=dict)
     seed: int = 0
+    mean: tuple[float, ...] = (0.0,)  # an image folder's 0..255 pixels: (pixel - mean) / std
+    std: tuple[float, ...] = (255.0,)
 
     def __post_init__(self) -> None:
         for name, size in {"batch": self.batch, **self.dims}.items():
@@ -38,6 +40,8 @@ class VerifyOptions:
                 raise InputError(f"{name} = {size}: sizes must be >= 1")
         if self.seed < 0:
             raise InputError(f"seed = {self.seed} must be >= 0")
+        if self.inputs is None and (self.mean, self.std) != ((0.0,), (255.0,)):
+            raise InputError("--mean and --std scale an image folder given as --inputs")
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,7 @@ def load_original(path: str | Path) -> onnx.ModelProto:
 def make_feeds(model: onnx.ModelProto, options: VerifyOptions) -> inputs.Feeds:
     inputs.check_dims(model, options.dims)
     if options.inputs is not None:
-        return inputs.user_feeds(model, options.inputs, options.dims)
+        return inputs.user_feeds(model, options.inputs, options.dims, options.mean, options.std)
     return inputs.random_feeds(model, options.batch, options.dims, options.seed)
 
 

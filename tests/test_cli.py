@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from haste_onnx.cli.main import main
 
 from haste_onnx import cli, pipeline, staging
+from haste_onnx.inputs import user_feeds
 
 EXAMPLE = Path(__file__).parent.parent / "models" / "example.onnx"
 
@@ -192,6 +193,14 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
             [tmp_path / "ok.onnx", "--inputs", tmp_path / "images"],
             "cannot read image",
         ),
+        "mean without images": (
+            [tmp_path / "ok.onnx", "--mean", "128"],
+            "--mean and --std scale an image folder given as --inputs",
+        ),
+        "mean for arrays": (
+            [tmp_path / "ok.onnx", "--inputs", tmp_path / "nan.npy", "--std", "2"],
+            "--mean and --std scale image folders; arrays are used as they are",
+        ),
         "bad L": ([tmp_path / "ok.onnx", "-L", "64"], "64"),
         "bad s": ([tmp_path / "ok.onnx", "-s", "1.5"], "outside [0, 1)"),
         "bad fraction s": ([tmp_path / "ok.onnx", "-s", "1/2/3"], "a fraction like 2/3"),
@@ -353,6 +362,18 @@ def test_image_folder_inputs_are_resized_and_scaled(example, tmp_path):
     assert code == 0, err
     doc = json.loads(out)
     assert doc["inputs"] == f"user inputs from {folder}: input [3, 3, 32, 32]"
+    model = onnx.load(example)
+    (plain,) = user_feeds(model, folder).arrays.values()
+    assert plain.min() >= 0.0 and plain.max() <= 1.0 and plain.max() > 0.9  # [0, 1] by default
+    (scaled,) = user_feeds(model, folder, mean=(10, 20, 30), std=(2, 4, 8)).arrays.values()
+    expected = (plain * 255 - np.array([10, 20, 30]).reshape(1, 3, 1, 1)) / np.array(
+        [2, 4, 8]
+    ).reshape(1, 3, 1, 1)
+    np.testing.assert_allclose(scaled, expected, rtol=1e-5, atol=1e-4)
+    code, _, err = run("convert", example, "--inputs", folder, "--mean", "128", "--std", "64")
+    assert code == 0, err
+    code, _, err = run("convert", example, "--inputs", folder, "--mean", "1,2", "-q")
+    assert code == 2 and "--mean/--std: mean must be a scalar or have one value per" in err
 
 
 def test_plot_without_matplotlib_fails_before_any_work(example, tmp_path, monkeypatch):
