@@ -630,7 +630,11 @@ def inspect(model: Path, **kw: Any) -> None:
     result = api.inspect(model, _options(kw), _verify_options(kw))
     flops = {s.name: s.flops for s in result.flops.skipped}
     for d in result.decisions:
-        shape = f"{d.in_channels}->{d.out_channels} k{'x'.join(map(str, d.kernel or ()))}"
+        shape = (
+            f"{d.in_channels}->{d.out_channels} k{'x'.join(map(str, d.kernel or ()))}"
+            if d.kernel
+            else "weight unknown"  # computed at run time
+        )
         verdict = "convert" if d.converted else f"skip: {d.reason}"
         count = flops.get(d.name)
         console.echo(

@@ -255,7 +255,7 @@ def pyplot() -> Any:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise InputError("--plot needs matplotlib: pip install 'haste-onnx[plot]'") from None
+        raise InputError("--plot needs matplotlib: pip install matplotlib") from None
     return plt
 
 

@@ -107,6 +107,14 @@ def test_inspect_lists_convs_without_converting(example, tmp_path):
     assert not (tmp_path / "example.haste.onnx").exists()
 
 
+def test_inspect_says_when_a_weight_is_computed_at_run_time(tmp_path):
+    onnx.save(graphs.runtime_weight(), tmp_path / "dynamic.onnx")
+    code, out, err = run("inspect", tmp_path / "dynamic.onnx")
+    assert code == 0, err
+    assert "weight unknown" in out and "weight is computed at run time" in out
+    assert "None" not in out
+
+
 def test_verify_checks_an_existing_pair(example, tmp_path):
     assert run("convert", example, "-q")[0] == 0
     code, out, err = run("verify", example, tmp_path / "example.haste.onnx", "--json", "-")
@@ -219,6 +227,10 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
             "layer1: both included and excluded",
         ),
         "unknown layer": ([tmp_path / "ok.onnx", "--exclude", "nope"], "no Conv named nope"),
+        "include ineligible": (
+            [tmp_path / "ok.onnx", "--include", "down"],
+            "include: down cannot be converted: stride [2, 2] (downsampling)",
+        ),
         "bad layer L": ([tmp_path / "ok.onnx", "--layer-planes", "layer1=99"], "layer1"),
         "missing inputs": (
             [tmp_path / "ok.onnx", "--inputs", tmp_path / "x.npy"],

@@ -235,6 +235,8 @@ def decide(
     for site in sites:
         reason = next((r for rule in HARD_RULES if (r := rule(site))), None)
         forced = site.name in options.include
+        if forced and reason is not None:  # --include overrides the policy, not these rules
+            raise InputError(f"include: {site.name} cannot be converted: {reason}")
         c = None if site.weight is None or site.weight.ndim < 2 else int(site.weight.shape[1])
         if reason is None and site.name in options.exclude:
             reason = "excluded by the user"
