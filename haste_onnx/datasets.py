@@ -142,8 +142,8 @@ def normalize(
     x = np.asarray(images, dtype=np.float32)
     if x.ndim != 4:
         raise ValueError(f"images must be NCHW (4-D), got shape {x.shape}")
-    m = np.asarray(mean, dtype=np.float32).reshape(-1)
-    s = np.asarray(std, dtype=np.float32).reshape(-1)
+    m = np.asarray(mean, dtype=np.float64).reshape(-1)  # checked as given, before any rounding
+    s = np.asarray(std, dtype=np.float64).reshape(-1)
     for name, v in (("mean", m), ("std", s)):
         if v.size not in (1, x.shape[1]):
             raise ValueError(
@@ -155,7 +155,14 @@ def normalize(
     if not np.all(np.isfinite(m)):
         raise ValueError(f"mean must be finite, got {m.tolist()}")
     shape = (1, -1, 1, 1)
-    return ((x - m.reshape(shape)) / s.reshape(shape)).astype(np.float32)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # checked just below
+        m32, s32 = m.astype(np.float32).reshape(shape), s.astype(np.float32).reshape(shape)
+        y = (x - m32) / s32
+    if not np.isfinite(y).all() and np.isfinite(x).all():
+        raise ValueError(
+            f"mean {m.tolist()} and std {s.tolist()} take the images beyond float32's range"
+        )
+    return y
 
 
 # --------------------------------------------------------------------------------------------

@@ -131,24 +131,49 @@ def _load_arrays(path: Path, names: list[str]) -> dict[str, np.ndarray]:
         raise InputError(f"cannot read inputs {path}: {exc or type(exc).__name__}") from None
 
 
+PIXEL_SCALE = ((0.0,), (255.0,))
+"""The default mean and std of image pixels: [0, 1]."""
+
+
+def scale_values(values: float | Sequence[float]) -> tuple[float, ...]:
+    """A mean or std, one value or one per channel, as a tuple of floats."""
+    try:
+        return tuple(float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1))
+    except (TypeError, ValueError):
+        raise InputError(
+            f"mean and std are numbers, one or one per channel: got {values!r}"
+        ) from None
+
+
+def _listed(values: Sequence[float]) -> str:
+    text = ", ".join(f"{v:g}" for v in values)
+    return text if len(values) == 1 else f"[{text}]"
+
+
 def user_feeds(
     model: onnx.ModelProto,
     path: str | Path,
     dims: Mapping[str, int] | None = None,
-    mean: Sequence[float] = (0.0,),
-    std: Sequence[float] = (255.0,),
+    mean: float | Sequence[float] = PIXEL_SCALE[0],
+    std: float | Sequence[float] = PIXEL_SCALE[1],
 ) -> Feeds:
     """Inputs from a .npy (one-input models), a .npz (keys are input names) or an image folder
     (resized to the input's height and width, grey or RGB as it has 1 or 3 channels, its 0..255
     pixels made ``(pixel - mean) / std``, one value or one per channel: [0, 1] by default)."""
     path = Path(path)
-    if not path.is_dir() and (tuple(mean), tuple(std)) != ((0.0,), (255.0,)):
-        raise InputError("--mean and --std scale image folders; arrays are used as they are")
     inputs = ir.graph_inputs(model)
     names = [i.name for i in inputs]
     if not path.exists():
         raise InputError(f"inputs not found: {path}")
+    mean, std = scale_values(mean), scale_values(std)
+    scaled = (mean, std) != PIXEL_SCALE
+    if scaled and not path.is_dir():
+        raise InputError("--mean and --std scale image folders; arrays are used as they are")
+    source = str(path)
     if path.is_dir():
+        source += (
+            f" (pixels (p - {_listed(mean)}) / {_listed(std)})" if scaled else " (pixels / 255)"
+        )
         if len(inputs) != 1:
             raise InputError(f"an image folder can feed a one-input model; this one has {names}")
         shape = resolve_shape(inputs[0], 1, dims or {})
@@ -172,4 +197,4 @@ def user_feeds(
                 f"fit the model's {declared_shape(value)}"
             )
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items())
-    return Feeds(arrays, f"user inputs from {path}: {shapes}")
+    return Feeds(arrays, f"user inputs from {source}: {shapes}")

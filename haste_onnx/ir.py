@@ -134,7 +134,10 @@ def _save(model: onnx.ModelProto, path: Path, data_name: str | None) -> None:
     onnx.save_model(model, path)  # writes the tensors marked external into data_name
     data = path.parent / data_name
     if data.is_file():  # onnx creates it readable by its owner only; share it as the model is
-        data.chmod(stat.S_IMODE(path.stat().st_mode))
+        try:
+            data.chmod(stat.S_IMODE(path.stat().st_mode))
+        except OSError:  # a file system without permission bits: the file is as good
+            pass
 
 
 def session_source(model: onnx.ModelProto) -> bytes | str:
@@ -215,25 +218,62 @@ def with_outputs(
     return probe
 
 
+SHAPE_CONSTANT_LIMIT = 1024
+"""Elements of the largest initializer whose values shape inference is shown (Reshape targets,
+Slice bounds and the like are far smaller; weights, larger, are shown by type and shape)."""
+
+
+def _shapes_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` for shape inference, without its weights and without any value a
+    feed can override: an initializer also listed as a graph input stays an input of unknown
+    value, and a large one becomes an input of its type and shape."""
+    graph = model.graph
+    inputs = {i.name for i in graph.input}
+    constants, typed = [], []
+    for tensor in graph.initializer:
+        if tensor.name in inputs:
+            continue
+        if int(np.prod(tensor.dims)) <= SHAPE_CONSTANT_LIMIT:
+            constants.append(tensor)
+        else:
+            typed.append(
+                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+            )
+    skeleton = onnx.helper.make_graph(
+        graph.node,
+        graph.name,
+        [*graph.input, *typed],
+        graph.output,
+        constants,
+        value_info=graph.value_info,
+        sparse_initializer=graph.sparse_initializer,
+    )
+    return onnx.helper.make_model(
+        skeleton,
+        ir_version=model.ir_version,
+        opset_imports=model.opset_import,
+        functions=model.functions,
+    )
+
+
 def declare_float_outputs(
     graph: onnx.GraphProto, names: Iterable[str], source: onnx.ModelProto
 ) -> None:
-    """Give the tensors ``names`` (outputs of the operator's nodes in ``graph``) a value_info,
-    with the type and shape onnx's shape inference finds for them in ``source`` (the original
-    model), or float32 of unknown shape. onnx has no schema for a custom operator: without
-    them, shape inference types nothing after it, and the tools built on it (quantization,
-    onnx.utils.extract_model) fail on the converted model."""
+    """Give the tensors ``names`` (outputs of the operator's nodes in ``graph``) a value_info:
+    float32, with the shape onnx's shape inference finds for them in ``source`` (the original
+    model) from its constants, where it finds one. onnx has no schema for a custom operator:
+    without them, shape inference types nothing after it, and the tools built on it
+    (quantization, onnx.utils.extract_model) fail on the converted model."""
     declared = {v.name for v in [*graph.input, *graph.value_info, *graph.output]}
     missing = [name for name in dict.fromkeys(names) if name not in declared]
     if not missing:
         return
     inferred: dict[str, onnx.ValueInfoProto] = {}
-    if not too_large(source):
-        try:
-            found = onnx.shape_inference.infer_shapes(source).graph
-            inferred = {v.name: v for v in found.value_info}
-        except (onnx.shape_inference.InferenceError, ValueError):
-            pass  # the fallback below
+    try:
+        found = onnx.shape_inference.infer_shapes(_shapes_only(source)).graph
+        inferred = {v.name: v for v in found.value_info}
+    except (onnx.shape_inference.InferenceError, ValueError):
+        pass  # the type alone, below
     for name in missing:
         value = inferred.get(name)
         if value is None or value.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:

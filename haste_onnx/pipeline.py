@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +11,7 @@ import onnx
 
 from haste_onnx import inputs, ir, opdef, report, speed
 from haste_onnx.errors import HasteError, InputError, NothingFaster
+from haste_onnx.inputs import PIXEL_SCALE, scale_values
 from haste_onnx.passes.rewrite import (
     ConvDecision,
     HasteOptions,
@@ -31,8 +32,8 @@ class VerifyOptions:
     batch: int = 2
     dims: Mapping[str, int] = dataclasses.field(default_factory=dict)
     seed: int = 0
-    mean: tuple[float, ...] = (0.0,)  # an image folder's 0..255 pixels: (pixel - mean) / std
-    std: tuple[float, ...] = (255.0,)
+    mean: float | Sequence[float] = PIXEL_SCALE[0]  # an image folder's 0..255 pixels:
+    std: float | Sequence[float] = PIXEL_SCALE[1]  # (pixel - mean) / std
 
     def __post_init__(self) -> None:
         for name, size in {"batch": self.batch, **self.dims}.items():
@@ -40,7 +41,8 @@ class VerifyOptions:
                 raise InputError(f"{name} = {size}: sizes must be >= 1")
         if self.seed < 0:
             raise InputError(f"seed = {self.seed} must be >= 0")
-        if self.inputs is None and (self.mean, self.std) != ((0.0,), (255.0,)):
+        scale = scale_values(self.mean), scale_values(self.std)
+        if self.inputs is None and scale != PIXEL_SCALE:
             raise InputError("--mean and --std scale an image folder given as --inputs")
 
 

@@ -45,7 +45,7 @@ def get_library_path() -> str:
         if not installed.is_file():
             raise FileNotFoundError(
                 f"{path} is missing: the HasteConv operator library is built when the package "
-                "is installed (`pip install .`), and no installed haste-onnx was found"
+                "is installed (`pip install .`), and no installed haste-onnx has it"
             )
         path = installed
     return str(path)
@@ -82,8 +82,9 @@ def make_session(
         if "Domain already set in registry" not in str(exc):
             raise
         raise InputError(
-            "the HasteConv library is registered twice on these SessionOptions: give "
-            "make_session options without it, or pass them to onnxruntime.InferenceSession"
+            "these SessionOptions had the HasteConv library registered already, and "
+            "make_session registered it again: onnxruntime cannot make a session with them any "
+            "more; give make_session new options without the library"
         ) from None
 
 

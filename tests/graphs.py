@@ -278,3 +278,34 @@ def tiny(seed: int = 11) -> onnx.ModelProto:
     """A 8 -> 2 channel 3x3 Conv: every tensor under 1 KB."""
     n = Net(seed, channels=8, size=6)
     return n.model(n.conv("x", 8, 2, name="conv"), ["N", 2, 6, 6])
+
+
+def overridable_shape(seed: int = 12) -> onnx.ModelProto:
+    """x [2, 4096] reshaped by ``target``, an initializer that is also a graph input (a feed may
+    override it: [-1, 16, 16, 16] by default), into a 3x3 Conv; its output's height then
+    reshapes the result: the Conv's spatial size is known only at run time."""
+    n = Net(seed)
+    n.inits.append(numpy_helper.from_array(np.array([-1, 16, 16, 16], np.int64), "target"))
+    n.nodes.append(helper.make_node("Reshape", ["x", "target"], ["image"], name="reshape"))
+    y = n.op("Relu", n.conv("image", 16, 16, name="conv"))
+    n.inits += [
+        numpy_helper.from_array(np.array([2], np.int64), "axis2"),
+        numpy_helper.from_array(np.array([0, 16], np.int64), "front"),
+        numpy_helper.from_array(np.array([-1], np.int64), "rest"),
+    ]
+    height = n.op("Gather", n.op("Shape", y), "axis2", axis=0)
+    out = n.op("Reshape", y, n.op("Concat", "front", height, "rest", axis=0))
+    graph = helper.make_graph(
+        n.nodes,
+        "test",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4096]),
+            helper.make_tensor_value_info("target", TensorProto.INT64, [4]),
+        ],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, [2, 16, None, None])],
+        n.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model

@@ -373,7 +373,7 @@ def test_image_folder_inputs_are_resized_and_scaled(example, tmp_path):
     code, out, err = run("convert", example, "--inputs", folder, "--json", "-", "-q")
     assert code == 0, err
     doc = json.loads(out)
-    assert doc["inputs"] == f"user inputs from {folder}: input [3, 3, 32, 32]"
+    assert doc["inputs"] == f"user inputs from {folder} (pixels / 255): input [3, 3, 32, 32]"
     model = onnx.load(example)
     (plain,) = user_feeds(model, folder).arrays.values()
     assert plain.min() >= 0.0 and plain.max() <= 1.0 and plain.max() > 0.9  # [0, 1] by default
@@ -382,10 +382,22 @@ def test_image_folder_inputs_are_resized_and_scaled(example, tmp_path):
         [2, 4, 8]
     ).reshape(1, 3, 1, 1)
     np.testing.assert_allclose(scaled, expected, rtol=1e-5, atol=1e-4)
-    code, _, err = run("convert", example, "--inputs", folder, "--mean", "128", "--std", "64")
+    code, out, err = run(
+        "convert", example, "--inputs", folder, "--mean", "128", "--std", "1,2,64", "--json", "-"
+    )
     assert code == 0, err
+    assert json.loads(out)["inputs"].startswith(
+        f"user inputs from {folder} (pixels (p - 128) / 1, 2, 64)"
+    )
     code, _, err = run("convert", example, "--inputs", folder, "--mean", "1,2", "-q")
     assert code == 2 and "--mean/--std: mean must be a scalar or have one value per" in err
+    code, _, err = run("convert", example, "--inputs", folder, "--std", "1e-45", "-q")
+    assert code == 2 and "std [1e-45] take the images beyond float32's range" in err
+    assert len(err.strip().splitlines()) == 1  # no numpy warning
+    code, _, err = run("convert", example, "--inputs", tmp_path / "imagess", "--mean", "128")
+    assert code == 2 and "inputs not found" in err  # a misspelt folder is not "an array"
+    options = pipeline.VerifyOptions(inputs=folder, mean=128, std=[64.0])  # scalars, lists
+    assert pipeline.make_feeds(model, options).arrays["input"].max() <= 127 / 64
 
 
 def test_plot_without_matplotlib_fails_before_any_work(example, tmp_path, monkeypatch):

@@ -111,6 +111,24 @@ def test_shape_inference_types_every_tensor_after_a_hasteconv(tmp_path):
     assert {name: after[name] for name in kept} == {name: before[name] for name in kept}
 
 
+def test_no_shape_is_declared_from_a_value_a_feed_can_override(tmp_path):
+    """The Conv's size comes from an initializer that is also a graph input: declared from its
+    default value, onnxruntime folded the Shape after the HasteConv and reshaped wrongly."""
+    src = save(graphs.overridable_shape(), tmp_path)
+    feeds = {
+        "x": np.random.default_rng(0).standard_normal((2, 4096)).astype(np.float32),
+        "target": np.array([-1, 16, 32, 8], np.int64),
+    }
+    np.savez(tmp_path / "feeds.npz", **feeds)
+    result = convert(
+        src, tmp_path / "out.onnx", verify_options=VerifyOptions(tmp_path / "feeds.npz")
+    )
+    assert result.passed and [p.name for p in result.layers] == ["conv"]
+    (want,) = ort.InferenceSession(str(src)).run(None, feeds)
+    (got,) = make_session(tmp_path / "out.onnx").run(None, feeds)
+    assert got.shape == want.shape == (2, 16, 32, 8)
+
+
 def test_vgg_like_converts_every_conv_after_the_stem(tmp_path):
     result = convert(save(graphs.vgg_like(), tmp_path), tmp_path / "out.onnx")
     assert result.passed
@@ -228,6 +246,17 @@ def test_external_data_models_load_and_save(tmp_path):
     assert make_session(str(tmp_path / "out.onnx")).run(None, {"input": x})[0].shape == (1, 10)
     modes = [stat.S_IMODE(p.stat().st_mode) for p in result.written]
     assert modes[1] == modes[0]  # whoever may read the model may read its weights
+
+
+def test_a_file_system_without_permission_bits_still_gets_the_data_file(tmp_path, monkeypatch):
+    def refuse(path, mode):
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    src = tmp_path / "ext.onnx"
+    onnx.save(onnx.load(EXAMPLE), src, save_as_external_data=True, location="ext.onnx.data")
+    monkeypatch.setattr(Path, "chmod", refuse)
+    result = convert(src, tmp_path / "out.onnx")
+    assert result.passed and (tmp_path / "out.onnx.data").is_file()
 
 
 def test_external_data_is_written_beside_the_output_whatever_the_current_directory(
