@@ -387,7 +387,7 @@ def test_image_folder_inputs_are_resized_and_scaled(example, tmp_path):
     )
     assert code == 0, err
     assert json.loads(out)["inputs"].startswith(
-        f"user inputs from {folder} (pixels (p - 128) / 1, 2, 64)"
+        f"user inputs from {folder} (pixels (p - 128) / [1, 2, 64])"
     )
     code, _, err = run("convert", example, "--inputs", folder, "--mean", "1,2", "-q")
     assert code == 2 and "--mean/--std: mean must be a scalar or have one value per" in err
