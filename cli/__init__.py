@@ -11,17 +11,19 @@ def _interrupt(_signal: int, _frame: object) -> None:
 def run() -> None:
     """The console script: :func:`haste_onnx.cli.main.main`. Ctrl-C, and a SIGTERM or SIGHUP
     (which would end the process without removing its temporary files), end it with one line and
-    exit 130 at any time, also while its libraries are still being imported."""
-    for name in ("SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), _interrupt)
+    exit 130 at any time, also while its libraries are still being imported: those signals are
+    held back until the imports are done (a library interrupted in its own start-up code can
+    fail in any way, even crash), and taken then."""
+    held = {getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)  # threads started meanwhile keep them held
     try:
-        from haste_onnx.cli.main import main
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
-    try:
+        try:
+            for number in held - {signal.SIGINT}:  # SIGINT raises KeyboardInterrupt already
+                signal.signal(number, _interrupt)
+            from haste_onnx.cli.main import main
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)  # one that came meanwhile: now
         main()
-    except KeyboardInterrupt:  # between the imports and the command's own handler
+    except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -274,8 +274,12 @@ class _Console:
             click.echo(text, file=self.stream)
 
     def progress(self, message: str) -> None:
+        """Say what is being done, if stderr can take it: the work does not depend on that."""
         if not self.quiet:
-            click.echo(click.style(f"· {message}", dim=True), file=sys.stderr)
+            try:
+                click.echo(click.style(f"· {message}", dim=True), file=sys.stderr)
+            except (OSError, ValueError):  # stderr closed, full, or gone
+                pass
 
 
 def _start(
@@ -373,6 +377,9 @@ class _Group(click.Group):
         except BrokenPipeError:  # the reader went away (`| head`): not click's exit 1 either
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(EXIT_BROKEN_PIPE)
+        except OSError as exc:  # a path or a stream the system refuses (a full stdout, ...)
+            where = f": {exc.filename}" if exc.filename else ""
+            _fail(f"{exc.strerror or exc}{where}", EXIT_USAGE)
         except KeyboardInterrupt:  # not click's "Aborted!" and exit 1, which means a failed check
             _fail("interrupted (no file is left half-written)", EXIT_INTERRUPTED)
 
@@ -437,14 +444,13 @@ def _report(
     extra: dict[str, object],
     staging: Staging,
 ) -> None:
-    """Print the table and fidelity; stage the plot and the JSON."""
-    console.echo(report.table(flops))
-    console.echo()
-    for line in _fidelity_lines(verification):
-        console.echo(line)
+    """Stage the plot and the JSON, and the table and fidelity to print once they (and the
+    model) are written: whatever happens to stdout cannot decide which files are."""
+    lines = [report.table(flops), "", *_fidelity_lines(verification)]
     if plot is not None:
         report.plot(flops, plot, staging)
-        console.echo(f"plot: {plot}")
+        lines.append(f"plot: {plot}")
+    staging.then(lambda: console.echo("\n".join(lines)))
     _write_json(
         kw["json_path"],
         {

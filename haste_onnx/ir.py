@@ -81,6 +81,8 @@ def max_ir_version() -> int:
 def external_data_files(path: str | os.PathLike[str]) -> set[Path]:
     """The files (resolved) in which the model file keeps tensors, read without the data; none
     for a file that is not a model (:func:`load` says why)."""
+    if not Path(path).is_file():  # a pipe would be waited on, a device read for ever
+        return set()
     try:
         model = onnx.load(path, load_external_data=False)
     except Exception:  # protobuf and onnx raise many unrelated types here
@@ -131,7 +133,10 @@ def _save(model: onnx.ModelProto, path: Path, data_name: str | None) -> None:
             tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
         if len(tensor.raw_data) >= 1024:
             set_external_data(tensor, data_name)
-    onnx.save_model(model, path)  # writes the tensors marked external into data_name
+    try:
+        onnx.save_model(model, path)  # writes the tensors marked external into data_name
+    except onnx.checker.ValidationError as exc:  # its own word for a data file it cannot open
+        raise OSError(str(exc)) from None
     data = path.parent / data_name
     if data.is_file():  # onnx creates it readable by its owner only; share it as the model is
         try:

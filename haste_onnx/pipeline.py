@@ -73,11 +73,17 @@ def default_output(path: Path) -> Path:
     return path.with_name(path.name.removesuffix(".onnx") + ".haste.onnx")
 
 
-def check_output_path(source: Path, output: Path, source_data: set[Path]) -> None:
-    """Refuse outputs that would overwrite the input (``source_data``: its external data files)
-    or land where nothing can be written."""
+def check_output_path(
+    source: Path, output: Path, source_data: set[Path], inputs: Path | None = None
+) -> None:
+    """Refuse outputs that would overwrite the input model, its external data files
+    (``source_data``) or the ``inputs`` file, or land where nothing can be written."""
     if output.resolve() == source.resolve():
         raise InputError(f"output path is the input model: {output}; choose another output")
+    if output.resolve() in source_data:
+        raise InputError(f"output path {output} holds the input model's tensors")
+    if inputs is not None and output.resolve() == inputs.resolve():
+        raise InputError(f"output path is the --inputs file: {output}; choose another output")
     data = output.with_name(output.name + ".data")
     if data.resolve() in source_data:
         raise InputError(
@@ -147,12 +153,12 @@ def convert(
     source = Path(source)
     target = Path(output) if output is not None else default_output(source)
     source_data = ir.external_data_files(source)
-    check_output_path(source, target, source_data)
+    verify_options = verify_options or VerifyOptions()
+    check_output_path(source, target, source_data, verify_options.inputs)
     say = progress or (lambda _: None)
     say(f"loading {source}")
     original = load_original(source)
     options = options or HasteOptions()
-    verify_options = verify_options or VerifyOptions()
     say("rewriting")
     converted, decisions, plans = rewrite(original, options)
     _require_convs(original, decisions, source)

@@ -21,15 +21,30 @@ from haste_onnx.errors import InputError
 
 
 def check_writable(path: Path, what: str = "output") -> None:
-    """Refuse a file path (``what``: the option it comes from) that is a directory, or whose
-    directory is missing or read-only: checked before any work, not found out after it."""
-    if path.is_dir():
-        raise InputError(f"{what} path is a directory: {path}")
-    directory = path.parent
-    if not directory.is_dir():
-        raise InputError(f"{what} directory does not exist: {directory}")
-    if not os.access(directory, os.W_OK):
-        raise InputError(f"{what} directory is not writable: {directory}")
+    """Refuse a file path (``what``: the option it comes from) that is a directory, a device or
+    a pipe (a file is written beside it and renamed over it, which would replace a device, not
+    write to it), or whose directory is missing or read-only: checked before any work, not
+    found out after it."""
+    if not path.name:
+        raise InputError(f"{what} path {str(path)!r} names no file")
+    try:
+        target = destination(path)
+        if target.is_dir():
+            raise InputError(f"{what} path is a directory: {path}")
+        if target.exists() and not target.is_file():
+            raise InputError(f"{what} path {path} is not a regular file (a device or a pipe)")
+        directory = target.parent
+        if not directory.is_dir():
+            raise InputError(f"{what} directory does not exist: {directory}")
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise InputError(f"{what} directory is not writable: {directory}")
+    except OSError as exc:  # a name too long, a directory that cannot be searched
+        raise InputError(f"{what} path {path}: {exc.strerror or exc}") from None
+
+
+def destination(path: Path) -> Path:
+    """Where writing ``path`` goes: the file a symbolic link names (which stays a link)."""
+    return path.resolve() if path.is_symlink() else path
 
 
 class Staging:
@@ -50,19 +65,20 @@ class Staging:
         for directory in self._directories:
             shutil.rmtree(directory, ignore_errors=True)
 
-    def write(self, destination: Path, writer: Callable[[Path], object]) -> list[Path]:
-        """Call ``writer`` with the path to write ``destination`` to; any other files it writes
-        beside that path (a model's .data file) go beside ``destination``. Returns the files
-        staged, ``destination`` first."""
-        folder = destination.parent
+    def write(self, path: Path, writer: Callable[[Path], object]) -> list[Path]:
+        """Call ``writer`` with the path to write ``path`` to; any other files it writes beside
+        that path (a model's .data file) go beside ``path`` (beside the file it names, if it
+        is a symbolic link). Returns the files staged, that file first."""
+        target = destination(path)
+        folder = target.parent
         try:
             directory = Path(tempfile.mkdtemp(dir=folder, prefix=".haste-onnx-"))
             self._directories.append(directory)
-            writer(directory / destination.name)
+            writer(directory / target.name)
         except OSError as exc:
-            raise InputError(f"cannot write {destination}: {exc.strerror or exc}") from None
-        others = sorted(p.name for p in directory.iterdir() if p.name != destination.name)
-        names = [*others, destination.name]  # a model's data files before the model naming them
+            raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        others = sorted(p.name for p in directory.iterdir() if p.name != target.name)
+        names = [*others, target.name]  # a model's data files before the model naming them
         self._moves += [(directory / name, folder / name) for name in names]
         return [folder / name for name in reversed(names)]
 
@@ -71,9 +87,10 @@ class Staging:
         self._actions.append(action)
 
     def commit(self) -> None:
-        """Move every staged file into place. A Ctrl-C or termination signal that arrives
-        meanwhile takes effect once all are moved, so that no new file is left beside an old
-        one it does not belong with."""
+        """Move every staged file into place, each by one atomic rename. If one cannot be
+        moved, those moved before it are put back as they were (from hard links, or copies,
+        made first), so that a failure leaves every old file and no new one. A Ctrl-C or
+        termination signal that arrives meanwhile takes effect once all are moved."""
         caught: list[int] = []
         previous = {}
         if threading.current_thread() is threading.main_thread():  # where handlers can be set
@@ -81,11 +98,20 @@ class Staging:
                 if hasattr(signal, name):
                     number = getattr(signal, name)
                     previous[number] = signal.signal(number, lambda n, _: caught.append(n))
+        moved: list[tuple[Path, Path | None]] = []  # destination, and its old file's copy
+        target = None
         try:
-            for staged, destination in self._moves:
-                os.replace(staged, destination)
+            for staged, target in self._moves:
+                old = _keep_old(target, staged)
+                os.replace(staged, target)
+                moved.append((target, old))
         except OSError as exc:
-            raise InputError(f"cannot write {destination}: {exc.strerror or exc}") from None
+            for done, old in reversed(moved):
+                if old is None:
+                    done.unlink(missing_ok=True)
+                else:
+                    os.replace(old, done)
+            raise InputError(f"cannot write {target}: {exc.strerror or exc}") from None
         finally:
             self._moves.clear()
             for number, handler in previous.items():
@@ -95,3 +121,16 @@ class Staging:
         for action in self._actions:
             action()
         self._actions.clear()
+
+
+def _keep_old(target: Path, staged: Path) -> Path | None:
+    """A copy of the file at ``target``, beside ``staged`` (a hard link when the file system
+    allows), to put back if the commit fails; None if there is no such file."""
+    if not target.is_file():
+        return None
+    old = staged.with_name(staged.name + ".old")
+    try:
+        os.link(target, old)
+    except OSError:  # no hard links here, or not to a file of another owner
+        shutil.copy2(target, old)
+    return old

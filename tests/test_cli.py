@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ from click.testing import CliRunner
 from haste_onnx.cli.main import main
 
 from haste_onnx import cli, pipeline, staging
+from haste_onnx.errors import InputError
 from haste_onnx.inputs import user_feeds
 
 EXAMPLE = Path(__file__).parent.parent / "models" / "example.onnx"
@@ -209,6 +211,18 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
             [tmp_path / "ok.onnx", "--inputs", tmp_path / "nan.npy", "--std", "2"],
             "--mean and --std scale image folders; arrays are used as they are",
         ),
+        "output is the input's data": (
+            [tmp_path / "ext.onnx", "-o", tmp_path / "b.onnx.data"],
+            "holds the input model's tensors",
+        ),
+        "output is the inputs": (
+            [tmp_path / "ok.onnx", "--inputs", tmp_path / "nan.npy", "-o", tmp_path / "nan.npy"],
+            "output path is the --inputs file",
+        ),
+        "output name too long": (
+            [tmp_path / "ok.onnx", "-o", tmp_path / ("x" * 300 + ".onnx")],
+            "File name too long",
+        ),
         "bad L": ([tmp_path / "ok.onnx", "-L", "64"], "64"),
         "bad s": ([tmp_path / "ok.onnx", "-s", "1.5"], "outside [0, 1)"),
         "bad fraction s": ([tmp_path / "ok.onnx", "-s", "1/2/3"], "a fraction like 2/3"),
@@ -325,6 +339,12 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
         "json is inputs file",
         "out of memory",
         "onnxruntime refuses to run it",
+        "mean without images",
+        "mean for arrays",
+        "include ineligible",
+        "output is the input's data",
+        "output is the inputs",
+        "output name too long",
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, case):
@@ -592,3 +612,80 @@ def test_a_signal_during_the_moves_takes_effect_once_all_are_moved(tmp_path, mon
             stage.commit()
     assert [path.read_text() for path in files] == ["whole", "whole"]
     assert sorted(tmp_path.iterdir()) == files
+
+
+def test_devices_and_pipes_are_refused_not_replaced(example, tmp_path):
+    """A file is written beside its destination and renamed over it: over a device or a pipe
+    that would replace it (as root, even /dev/null), not write to it."""
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    for args in (["-o", pipe], ["--json", pipe], ["--plot", pipe]):
+        code, _, err = run("convert", example, *args)
+        assert code == 2 and f"{pipe} is not a regular file" in err, err
+        assert stat.S_ISFIFO(pipe.stat().st_mode)
+    proc = subprocess.run(  # a pipe as the model: refused, not waited on for ever
+        ["haste-onnx", "convert", pipe, "--json", tmp_path / "r.json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and f"not a file: {pipe}" in proc.stderr
+
+
+def test_an_output_through_a_symbolic_link_is_written_where_it_points(example, tmp_path):
+    link, target = tmp_path / "link.onnx", tmp_path / "real.onnx"
+    link.symlink_to(target)
+    code, _, err = run("convert", example, "-o", link, "-q")
+    assert code == 0, err
+    assert link.is_symlink() and onnx.load(target).graph.node
+
+
+def test_a_commit_that_fails_puts_back_every_file_it_moved(tmp_path, monkeypatch):
+    files = [tmp_path / "model.onnx", tmp_path / "report.json", tmp_path / "new.png"]
+    for path in files[:2]:
+        path.write_text("old")
+    real_replace = os.replace
+
+    def busy_report(source, destination):  # a bind-mounted file: EBUSY
+        if Path(destination) == files[2]:
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        real_replace(source, destination)
+
+    with staging.Staging() as stage:
+        for path in files:
+            stage.write(path, lambda staged: staged.write_text("new"))
+        monkeypatch.setattr(staging.os, "replace", busy_report)
+        with pytest.raises(InputError, match=f"cannot write {files[2]}: Device or resource busy"):
+            stage.commit()
+    assert [path.read_text() for path in files[:2]] == ["old", "old"]
+    assert sorted(tmp_path.iterdir()) == files[:2]
+
+
+def test_what_is_written_does_not_depend_on_stdout_or_stderr(example, tmp_path):
+    out = tmp_path / "out.onnx"
+    proc = subprocess.Popen(
+        ["haste-onnx", "convert", example, "-o", out],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()  # the reader goes away before the report
+    assert proc.wait() == 141 and out.is_file()
+    out.unlink()
+    proc = subprocess.run(["bash", "-c", f"haste-onnx convert '{example}' -o '{out}' 2>&-"])
+    assert proc.returncode == 0 and out.is_file()  # no stderr for the progress lines
+
+
+def test_a_signal_while_the_libraries_load_exits_130(example):
+    """Held back until the imports are done: onnxruntime interrupted in its own start-up code
+    failed as an ImportError (exit 1, a traceback), or crashed."""
+    for delay in (0.15, 0.2, 0.25, 0.3, 0.35):
+        proc = subprocess.Popen(
+            ["haste-onnx", "inspect", example], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        time.sleep(delay)
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+        # before Python runs the script (the first tens of ms), SIGTERM ends it unhandled
+        assert proc.returncode in (130, -signal.SIGTERM), (delay, proc.returncode, err)
+        assert b"Traceback" not in err
