@@ -15,14 +15,14 @@ def run() -> None:
     held back until the imports are done (a library interrupted in its own start-up code can
     fail in any way, even crash), and taken then."""
     held = {getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)}
-    signal.pthread_sigmask(signal.SIG_BLOCK, held)  # threads started meanwhile keep them held
+    inherited = signal.pthread_sigmask(signal.SIG_BLOCK, held)  # and threads started meanwhile
     try:
         try:
             for number in held - {signal.SIGINT}:  # SIGINT raises KeyboardInterrupt already
                 signal.signal(number, _interrupt)
             from haste_onnx.cli.main import main
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)  # one that came meanwhile: now
+            signal.pthread_sigmask(signal.SIG_SETMASK, inherited)  # one that came meanwhile: now
         main()
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -22,7 +22,7 @@ from haste_onnx import evaluate as evaluation
 from haste_onnx import pipeline as api
 from haste_onnx.errors import HasteError, InputError, NothingFaster
 from haste_onnx.passes.rewrite import HasteOptions
-from haste_onnx.staging import Staging, check_writable
+from haste_onnx.staging import Staging, check_writable, real
 from haste_onnx.verify import Tolerances, Verification
 
 EXIT_FIDELITY, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130  # 130: the shells' code for Ctrl-C
@@ -262,24 +262,36 @@ _tolerance_options = _stack(
 )
 
 
+def _to_stderr(text: str) -> None:
+    """Print on stderr if it can take it: what the command does and writes, and its stdout, do
+    not depend on that (with no stderr at all, click would print on stdout instead)."""
+    if sys.stderr is None:  # started with it closed
+        return
+    try:
+        click.echo(text, file=sys.stderr)
+    except (OSError, ValueError):  # closed, full, or gone
+        pass
+
+
 class _Console:
     """Where human-readable text goes: stdout, or stderr when stdout carries JSON."""
 
     def __init__(self, quiet: bool, json_path: Path | None) -> None:
         self.quiet = quiet
-        self.stream = sys.stderr if json_path == Path("-") else sys.stdout
+        self.beside_json = json_path == Path("-")  # the JSON goes to stdout, the text to stderr
 
     def echo(self, text: str = "") -> None:
-        if not self.quiet:
-            click.echo(text, file=self.stream)
+        if self.quiet:
+            return
+        if self.beside_json:
+            _to_stderr(text)
+        else:  # a failure to print is the command's (141, or exit 2)
+            click.echo(text)
 
     def progress(self, message: str) -> None:
-        """Say what is being done, if stderr can take it: the work does not depend on that."""
+        """Say what is being done."""
         if not self.quiet:
-            try:
-                click.echo(click.style(f"· {message}", dim=True), file=sys.stderr)
-            except (OSError, ValueError):  # stderr closed, full, or gone
-                pass
+            _to_stderr(click.style(f"· {message}", dim=True))
 
 
 def _start(
@@ -298,17 +310,17 @@ def _start(
         return _Console(kw["quiet"], kw["json_path"])
     taken = {}
     for model in models:
-        taken[model.resolve()] = f"the model {model}"
+        taken[real(model)] = f"the model {model}"
         for data in (model.with_name(model.name + ".data"), *ir.external_data_files(model)):
-            taken.setdefault(data.resolve(), f"the data of the model {model}")
+            taken.setdefault(real(data), f"the data of the model {model}")
     for file in (*files, kw.get("inputs")):
         if file is not None:
-            taken.setdefault(file.resolve(), f"the input file {file}")
+            taken.setdefault(real(file), f"the input file {file}")
     for option, path in reports.items():
         check_writable(path, option)
-        if path.resolve() in taken:
-            raise InputError(f"{option} {path} would overwrite {taken[path.resolve()]}")
-        taken[path.resolve()] = f"the {option} file"
+        if real(path) in taken:
+            raise InputError(f"{option} {path} would overwrite {taken[real(path)]}")
+        taken[real(path)] = f"the {option} file"
     if plot is not None:
         formats = report.plot_formats()
         if plot.suffix.lower().lstrip(".") not in formats:
@@ -328,7 +340,7 @@ def _write_json(path: Path | None, document: dict[str, object], staging: Staging
 
 def _fail(message: str, code: int) -> None:
     one_line = " ".join(line.strip() for line in message.splitlines() if line.strip())
-    click.echo(click.style("error: ", fg="red", bold=True) + one_line, err=True)
+    _to_stderr(click.style("error: ", fg="red", bold=True) + one_line)  # or the exit code alone
     sys.exit(code)
 
 

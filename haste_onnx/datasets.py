@@ -158,7 +158,8 @@ def normalize(
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # checked just below
         m32, s32 = m.astype(np.float32).reshape(shape), s.astype(np.float32).reshape(shape)
         y = (x - m32) / s32
-    if not np.isfinite(y).all() and np.isfinite(x).all():
+    in_range = np.isfinite(m32).all() and np.isfinite(s32).all() and np.all(s32 != 0)
+    if not in_range or (not np.isfinite(y).all() and np.isfinite(x).all()):
         raise ValueError(
             f"mean {m.tolist()} and std {s.tolist()} take the images beyond float32's range"
         )

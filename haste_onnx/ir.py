@@ -18,7 +18,7 @@ from onnx import numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, set_external_data
 
 from haste_onnx.errors import InputError
-from haste_onnx.staging import Staging, check_writable
+from haste_onnx.staging import Staging, check_writable, real
 
 PROTOBUF_LIMIT = 2**31 - 1
 """Models whose serialized size would exceed this must keep their tensors as external data."""
@@ -88,7 +88,7 @@ def external_data_files(path: str | os.PathLike[str]) -> set[Path]:
     except Exception:  # protobuf and onnx raise many unrelated types here
         return set()
     return {
-        (Path(path).parent / ExternalDataInfo(t).location).resolve()
+        real(Path(path).parent / ExternalDataInfo(t).location)
         for t in model.graph.initializer
         if t.data_location == onnx.TensorProto.EXTERNAL
     }

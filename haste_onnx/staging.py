@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 from collections.abc import Callable
@@ -24,27 +25,32 @@ def check_writable(path: Path, what: str = "output") -> None:
     """Refuse a file path (``what``: the option it comes from) that is a directory, a device or
     a pipe (a file is written beside it and renamed over it, which would replace a device, not
     write to it), or whose directory is missing or read-only: checked before any work, not
-    found out after it."""
+    found out after it. A symbolic link is replaced by the file, like any other old file, so
+    that a model's data file lies beside the path given."""
     if not path.name:
         raise InputError(f"{what} path {str(path)!r} names no file")
     try:
-        target = destination(path)
-        if target.is_dir():
+        try:
+            mode: int | None = os.stat(path).st_mode  # through a link: what it names
+        except FileNotFoundError:  # a new file, or a link to none
+            mode = None
+        if mode is not None and stat.S_ISDIR(mode):
             raise InputError(f"{what} path is a directory: {path}")
-        if target.exists() and not target.is_file():
+        if mode is not None and not stat.S_ISREG(mode):
             raise InputError(f"{what} path {path} is not a regular file (a device or a pipe)")
-        directory = target.parent
+        directory = path.parent
         if not directory.is_dir():
             raise InputError(f"{what} directory does not exist: {directory}")
         if not os.access(directory, os.W_OK | os.X_OK):
             raise InputError(f"{what} directory is not writable: {directory}")
-    except OSError as exc:  # a name too long, a directory that cannot be searched
+    except OSError as exc:  # a name too long, a loop of links, a directory that cannot be read
         raise InputError(f"{what} path {path}: {exc.strerror or exc}") from None
 
 
-def destination(path: Path) -> Path:
-    """Where writing ``path`` goes: the file a symbolic link names (which stays a link)."""
-    return path.resolve() if path.is_symlink() else path
+def real(path: Path) -> Path:
+    """``path`` with its links resolved, for telling whether two paths are one file (unlike
+    Path.resolve, never an error, a loop of links included)."""
+    return Path(os.path.realpath(path))
 
 
 class Staging:
@@ -65,20 +71,19 @@ class Staging:
         for directory in self._directories:
             shutil.rmtree(directory, ignore_errors=True)
 
-    def write(self, path: Path, writer: Callable[[Path], object]) -> list[Path]:
-        """Call ``writer`` with the path to write ``path`` to; any other files it writes beside
-        that path (a model's .data file) go beside ``path`` (beside the file it names, if it
-        is a symbolic link). Returns the files staged, that file first."""
-        target = destination(path)
-        folder = target.parent
+    def write(self, destination: Path, writer: Callable[[Path], object]) -> list[Path]:
+        """Call ``writer`` with the path to write ``destination`` to; any other files it writes
+        beside that path (a model's .data file) go beside ``destination``. Returns the files
+        staged, ``destination`` first."""
+        folder = destination.parent
         try:
             directory = Path(tempfile.mkdtemp(dir=folder, prefix=".haste-onnx-"))
             self._directories.append(directory)
-            writer(directory / target.name)
+            writer(directory / destination.name)
         except OSError as exc:
-            raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
-        others = sorted(p.name for p in directory.iterdir() if p.name != target.name)
-        names = [*others, target.name]  # a model's data files before the model naming them
+            raise InputError(f"cannot write {destination}: {exc.strerror or exc}") from None
+        others = sorted(p.name for p in directory.iterdir() if p.name != destination.name)
+        names = [*others, destination.name]  # a model's data files before the model naming them
         self._moves += [(directory / name, folder / name) for name in names]
         return [folder / name for name in reversed(names)]
 
@@ -98,7 +103,7 @@ class Staging:
                 if hasattr(signal, name):
                     number = getattr(signal, name)
                     previous[number] = signal.signal(number, lambda n, _: caught.append(n))
-        moved: list[tuple[Path, Path | None]] = []  # destination, and its old file's copy
+        moved: list[tuple[Path, Path | str]] = []  # each destination, and its old file
         target = None
         try:
             for staged, target in self._moves:
@@ -106,12 +111,8 @@ class Staging:
                 os.replace(staged, target)
                 moved.append((target, old))
         except OSError as exc:
-            for done, old in reversed(moved):
-                if old is None:
-                    done.unlink(missing_ok=True)
-                else:
-                    os.replace(old, done)
-            raise InputError(f"cannot write {target}: {exc.strerror or exc}") from None
+            failed = f"cannot write {target}: {exc.strerror or exc}"
+            raise InputError(f"{failed}; {self._put_back(moved)}") from None
         finally:
             self._moves.clear()
             for number, handler in previous.items():
@@ -122,15 +123,39 @@ class Staging:
             action()
         self._actions.clear()
 
+    def _put_back(self, moved: list[tuple[Path, Path | str]]) -> str:
+        """Undo the moves of a failed commit; says what was written."""
+        left = []
+        for done, old in reversed(moved):
+            try:
+                if old == _UNKEPT:  # the new file stays
+                    left.append(str(done))
+                elif old == _ABSENT:
+                    done.unlink()
+                else:
+                    os.replace(old, done)
+            except OSError:
+                left.append(str(done))
+                if isinstance(old, Path):  # the old file stays where it was kept
+                    self._directories.remove(old.parent)
+                    left[-1] += f" (the old one is {old})"
+        return f"only {', '.join(left)} replaced" if left else "nothing was written"
 
-def _keep_old(target: Path, staged: Path) -> Path | None:
-    """A copy of the file at ``target``, beside ``staged`` (a hard link when the file system
-    allows), to put back if the commit fails; None if there is no such file."""
-    if not target.is_file():
-        return None
+
+_ABSENT, _UNKEPT = "no old file", "the old file could not be kept"
+
+
+def _keep_old(target: Path, staged: Path) -> Path | str:
+    """A link to the file at ``target`` (or a copy, where the file system refuses the link),
+    beside ``staged``, to put back if the commit fails; or why there is none."""
+    if not os.path.lexists(target):
+        return _ABSENT
     old = staged.with_name(staged.name + ".old")
     try:
-        os.link(target, old)
+        os.link(target, old, follow_symlinks=False)
     except OSError:  # no hard links here, or not to a file of another owner
-        shutil.copy2(target, old)
+        try:
+            shutil.copy2(target, old, follow_symlinks=False)
+        except OSError:  # a full disk
+            return _UNKEPT
     return old

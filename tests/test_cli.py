@@ -413,6 +413,8 @@ def test_image_folder_inputs_are_resized_and_scaled(example, tmp_path):
     assert code == 2 and "--mean/--std: mean must be a scalar or have one value per" in err
     code, _, err = run("convert", example, "--inputs", folder, "--std", "1e-45", "-q")
     assert code == 2 and "std [1e-45] take the images beyond float32's range" in err
+    code, _, err = run("convert", example, "--inputs", folder, "--std", "1e39", "-q")
+    assert code == 2 and "std [1e+39] take the images beyond float32's range" in err
     assert len(err.strip().splitlines()) == 1  # no numpy warning
     code, _, err = run("convert", example, "--inputs", tmp_path / "imagess", "--mean", "128")
     assert code == 2 and "inputs not found" in err  # a misspelt folder is not "an array"
@@ -632,12 +634,26 @@ def test_devices_and_pipes_are_refused_not_replaced(example, tmp_path):
     assert proc.returncode == 2 and f"not a file: {pipe}" in proc.stderr
 
 
-def test_an_output_through_a_symbolic_link_is_written_where_it_points(example, tmp_path):
-    link, target = tmp_path / "link.onnx", tmp_path / "real.onnx"
-    link.symlink_to(target)
-    code, _, err = run("convert", example, "-o", link, "-q")
+def test_a_symbolic_link_as_output_is_replaced_by_the_model_and_its_data(tmp_path):
+    """Written through the link, the data file went beside its target, where a model loaded by
+    the link's path does not look for it."""
+    source = tmp_path / "ext.onnx"
+    onnx.save(onnx.load(EXAMPLE), source, save_as_external_data=True, location="ext.onnx.data")
+    (tmp_path / "here").mkdir()
+    (tmp_path / "there").mkdir()
+    link = tmp_path / "here" / "link.onnx"
+    link.symlink_to(tmp_path / "there" / "real.onnx")
+    code, _, err = run("convert", source, "-o", link, "-q")
     assert code == 0, err
-    assert link.is_symlink() and onnx.load(target).graph.node
+    assert not link.is_symlink() and (tmp_path / "here" / "link.onnx.data").is_file()
+    assert list((tmp_path / "there").iterdir()) == []
+    code, _, err = run("verify", source, link, "-q")
+    assert code == 0, err
+    loop = tmp_path / "loop.onnx"
+    loop.symlink_to(loop)
+    for option in ("-o", "--json"):
+        code, _, err = run("convert", source, option, loop)
+        assert code == 2 and "Too many levels of symbolic links" in err, err
 
 
 def test_a_commit_that_fails_puts_back_every_file_it_moved(tmp_path, monkeypatch):
@@ -659,6 +675,49 @@ def test_a_commit_that_fails_puts_back_every_file_it_moved(tmp_path, monkeypatch
             stage.commit()
     assert [path.read_text() for path in files[:2]] == ["old", "old"]
     assert sorted(tmp_path.iterdir()) == files[:2]
+
+
+def test_a_commit_says_what_it_could_not_put_back(tmp_path, monkeypatch):
+    files = [tmp_path / "model.onnx", tmp_path / "report.json"]
+    files[0].write_text("old")
+    real_replace = os.replace
+    calls = []
+
+    def second_fails(source, destination):  # the report's move, then putting the model back
+        calls.append(destination)
+        if len(calls) >= 2:
+            raise OSError(errno.EIO, "Input/output error")
+        real_replace(source, destination)
+
+    with staging.Staging() as stage:
+        for path in files:
+            stage.write(path, lambda staged: staged.write_text("new"))
+        monkeypatch.setattr(staging.os, "replace", second_fails)
+        with pytest.raises(InputError, match="only .*model.onnx .the old one is .*replaced") as e:
+            stage.commit()
+    kept = Path(str(e.value).split("the old one is ")[1].split(")")[0])
+    assert files[0].read_text() == "new" and kept.read_text() == "old"  # kept, not deleted
+
+
+def test_json_on_stdout_does_not_depend_on_stderr(example, tmp_path):
+    proc = subprocess.run(
+        ["bash", "-c", f"haste-onnx convert '{example}' -o '{tmp_path / 'o.onnx'}' --json - 2>&-"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0 and json.loads(proc.stdout)["passed"] is True
+
+
+def test_signals_the_caller_held_stay_held(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["haste-onnx", "--version"])
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        cli.run()
+        assert signal.SIGHUP in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def test_what_is_written_does_not_depend_on_stdout_or_stderr(example, tmp_path):
