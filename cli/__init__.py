@@ -25,5 +25,9 @@ def run() -> None:
             signal.pthread_sigmask(signal.SIG_SETMASK, inherited)  # one that came meanwhile: now
         main()
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        if sys.stderr is not None:  # started without one, print would write on stdout
+            try:
+                print("error: interrupted", file=sys.stderr)
+            except OSError:
+                pass
         sys.exit(130)

@@ -22,7 +22,7 @@ from haste_onnx import evaluate as evaluation
 from haste_onnx import pipeline as api
 from haste_onnx.errors import HasteError, InputError, NothingFaster
 from haste_onnx.passes.rewrite import HasteOptions
-from haste_onnx.staging import Staging, check_writable, real
+from haste_onnx.staging import Staging, check_writable, real, real_destination
 from haste_onnx.verify import Tolerances, Verification
 
 EXIT_FIDELITY, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130  # 130: the shells' code for Ctrl-C
@@ -308,19 +308,22 @@ def _start(
     reports = {option: path for option, path in reports.items() if path not in (None, Path("-"))}
     if not reports:  # nothing to check: the models' data files need not be read
         return _Console(kw["quiet"], kw["json_path"])
-    taken = {}
+    # each file the command reads or writes, as it reads it or as writing it replaces it
+    taken: dict[Path, str] = {}
     for model in models:
-        taken[real(model)] = f"the model {model}"
-        for data in (model.with_name(model.name + ".data"), *ir.external_data_files(model)):
-            taken.setdefault(real(data), f"the data of the model {model}")
+        for data in (model, model.with_name(model.name + ".data"), *ir.external_data_files(model)):
+            what = f"the model {model}" if data == model else f"the data of the model {model}"
+            taken.setdefault(real(data), what)
+            taken.setdefault(real_destination(data), what)
     for file in (*files, kw.get("inputs")):
         if file is not None:
             taken.setdefault(real(file), f"the input file {file}")
     for option, path in reports.items():
         check_writable(path, option)
-        if real(path) in taken:
-            raise InputError(f"{option} {path} would overwrite {taken[real(path)]}")
-        taken[real(path)] = f"the {option} file"
+        written = real_destination(path)
+        if written in taken:
+            raise InputError(f"{option} {path} would overwrite {taken[written]}")
+        taken[written] = f"the {option} file"
     if plot is not None:
         formats = report.plot_formats()
         if plot.suffix.lower().lstrip(".") not in formats:
@@ -647,6 +650,7 @@ def inspect(model: Path, **kw: Any) -> None:
     console = _start(kw, models=(model,))
     result = api.inspect(model, _options(kw), _verify_options(kw))
     flops = {s.name: s.flops for s in result.flops.skipped}
+    lines = []
     for d in result.decisions:
         shape = (
             f"{d.in_channels}->{d.out_channels} k{'x'.join(map(str, d.kernel or ()))}"
@@ -655,19 +659,20 @@ def inspect(model: Path, **kw: Any) -> None:
         )
         verdict = "convert" if d.converted else f"skip: {d.reason}"
         count = flops.get(d.name)
-        console.echo(
+        lines.append(
             f"{d.name:<32} {shape:<16} {'?' if count is None else f'{count / 1e6:9.2f}M'}"
             f"  {verdict}"
         )
     unknown = result.flops.uncounted
-    console.echo(
+    lines.append(
         f"baseline: {result.flops.baseline_total / 1e6:.2f} MFLOPs per image "
         f"(Conv, Gemm, MatMul{f'; without {len(unknown)} of unknown shape' if unknown else ''}), "
         f"{sum(d.converted for d in result.decisions)} of {len(result.decisions)} convs eligible"
     )
     if unknown:
-        console.echo("to count them, give the inputs' dynamic sizes (--dim NAME=SIZE)")
-    with Staging() as staging:
+        lines.append("to count them, give the inputs' dynamic sizes (--dim NAME=SIZE)")
+    with Staging() as staging:  # the JSON first: what is written does not depend on stdout
+        staging.then(lambda: console.echo("\n".join(lines)))
         document = {
             "model": str(model),
             "convs": [vars(d) | {"baseline_flops": flops.get(d.name)} for d in result.decisions],

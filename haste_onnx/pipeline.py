@@ -20,7 +20,7 @@ from haste_onnx.passes.rewrite import (
     plans_of,
     rewrite,
 )
-from haste_onnx.staging import Staging, check_writable, real
+from haste_onnx.staging import Staging, check_writable, real, real_destination
 from haste_onnx.verify import Progress, Tolerances, Verification, verify
 
 
@@ -78,14 +78,15 @@ def check_output_path(
 ) -> None:
     """Refuse outputs that would overwrite the input model, its external data files
     (``source_data``) or the ``inputs`` file, or land where nothing can be written."""
-    if real(output) == real(source):
+    written = real_destination(output)
+    if written == real(source):
         raise InputError(f"output path is the input model: {output}; choose another output")
-    if real(output) in source_data:
+    if written in source_data:
         raise InputError(f"output path {output} holds the input model's tensors")
-    if inputs is not None and real(output) == real(inputs):
+    if inputs is not None and written == real(inputs):
         raise InputError(f"output path is the --inputs file: {output}; choose another output")
     data = output.with_name(output.name + ".data")
-    if real(data) in source_data:
+    if real_destination(data) in source_data:
         raise InputError(
             f"the output's data file {data} holds the input model's tensors: choose another output"
         )

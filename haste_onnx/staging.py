@@ -48,9 +48,14 @@ def check_writable(path: Path, what: str = "output") -> None:
 
 
 def real(path: Path) -> Path:
-    """``path`` with its links resolved, for telling whether two paths are one file (unlike
-    Path.resolve, never an error, a loop of links included)."""
+    """The file ``path`` reads, its links resolved, for telling whether two paths are one file
+    (unlike Path.resolve, never an error, a loop of links included)."""
     return Path(os.path.realpath(path))
+
+
+def real_destination(path: Path) -> Path:
+    """The file writing ``path`` replaces: a link there is replaced, not what it names."""
+    return real(path.parent) / path.name
 
 
 class Staging:
@@ -94,8 +99,10 @@ class Staging:
     def commit(self) -> None:
         """Move every staged file into place, each by one atomic rename. If one cannot be
         moved, those moved before it are put back as they were (from hard links, or copies,
-        made first), so that a failure leaves every old file and no new one. A Ctrl-C or
-        termination signal that arrives meanwhile takes effect once all are moved."""
+        made first), so that a failure leaves every old file and no new one; where an old file
+        could not be kept (a full disk) or put back, the error says which files were replaced.
+        A Ctrl-C or termination signal that arrives meanwhile takes effect once all are
+        moved."""
         caught: list[int] = []
         previous = {}
         if threading.current_thread() is threading.main_thread():  # where handlers can be set
@@ -137,7 +144,8 @@ class Staging:
             except OSError:
                 left.append(str(done))
                 if isinstance(old, Path):  # the old file stays where it was kept
-                    self._directories.remove(old.parent)
+                    if old.parent in self._directories:
+                        self._directories.remove(old.parent)
                     left[-1] += f" (the old one is {old})"
         return f"only {', '.join(left)} replaced" if left else "nothing was written"
 

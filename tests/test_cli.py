@@ -748,3 +748,59 @@ def test_a_signal_while_the_libraries_load_exits_130(example):
         # before Python runs the script (the first tens of ms), SIGTERM ends it unhandled
         assert proc.returncode in (130, -signal.SIGTERM), (delay, proc.returncode, err)
         assert b"Traceback" not in err
+
+
+def test_a_failed_commit_names_every_old_file_it_could_not_put_back(tmp_path, monkeypatch):
+    """A model and its .data are staged in one directory: both old files are kept there."""
+    model, data, report = tmp_path / "m.onnx", tmp_path / "m.onnx.data", tmp_path / "r.json"
+    for path in (model, data, report):
+        path.write_text("old")
+
+    def model_and_data(staged: Path) -> None:
+        staged.write_text("new")
+        staged.with_name(staged.name + ".data").write_text("new")
+
+    def refuse(source, destination):  # the report, then putting back what was moved
+        raise OSError(errno.EIO, "Input/output error")
+
+    real_replace = os.replace
+    with staging.Staging() as stage:
+        stage.write(model, model_and_data)
+        stage.write(report, lambda staged: staged.write_text("new"))
+        moves = iter([real_replace, real_replace])
+        monkeypatch.setattr(staging.os, "replace", lambda s, d: next(moves, refuse)(s, d))
+        with pytest.raises(InputError) as error:
+            stage.commit()
+    message = str(error.value)
+    assert f"cannot write {report}" in message and message.count("the old one is") == 2
+    kept = [Path(part.split(")")[0]) for part in message.split("the old one is ")[1:]]
+    assert [path.read_text() for path in kept] == ["old", "old"]
+
+
+def test_a_link_as_output_is_not_taken_for_the_file_it_names(example, tmp_path):
+    link = tmp_path / "link.onnx"
+    link.symlink_to(example)  # replacing the link leaves the model it names alone
+    before = example.read_bytes()
+    code, _, err = run("convert", example, "-o", link, "--json", tmp_path / "r.json", "-q")
+    assert code == 0, err
+    assert example.read_bytes() == before and not link.is_symlink()
+
+
+def test_inspect_writes_its_json_whatever_becomes_of_stdout(example, tmp_path):
+    report = tmp_path / "r.json"
+    proc = subprocess.Popen(
+        ["haste-onnx", "inspect", example, "--json", report], stdout=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()
+    assert proc.wait() == 141 and json.loads(report.read_text())["convs"]
+
+
+def test_an_interrupt_with_stderr_closed_leaves_stdout_to_the_json(tmp_path):
+    model = Path(__file__).parent.parent / "models" / "fashion" / "resnet18_fashion.onnx"
+    command = f"haste-onnx convert '{model}' -o '{tmp_path / 'o.onnx'}' --batch 32 --json - 2>&-"
+    proc = subprocess.Popen(["bash", "-c", f"exec {command}"], stdout=subprocess.PIPE)
+    time.sleep(1.5)  # past the imports, within the conversion
+    proc.terminate()
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and out == b""
