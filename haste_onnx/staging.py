@@ -3,7 +3,8 @@
 Each file is written under its own name in a new temporary directory beside its destination and
 moved into place by :meth:`Staging.commit`; whatever is not committed is removed on leaving the
 ``with`` block. A failure while writing any of them therefore leaves no file, new or partial,
-and never touches an existing one.
+and never touches an existing one; a failure while moving them into place puts back the old
+files (see :meth:`Staging.commit` for the one case it cannot).
 """
 
 from __future__ import annotations

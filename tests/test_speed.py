@@ -27,6 +27,15 @@ def timing(ratio: float, wins: int = 9) -> speed.Comparison:
     return speed.Comparison(ratio, wins, 9)
 
 
+def every_layer_timed(monkeypatch: pytest.MonkeyPatch, comparison: speed.Comparison) -> None:
+    """time_layers finds every converted layer alone ``comparison``."""
+    monkeypatch.setattr(
+        speed,
+        "time_layers",
+        lambda model, feeds, **kw: dict.fromkeys(haste_outputs(model), comparison),
+    )
+
+
 def test_faster_means_beyond_chance():
     """A one-sided sign test at 5 %: of nine rounds, eight won are needed (seven or more happen
     by chance 9 % of the time); of seven, all seven; and the median must be lower too."""
@@ -152,11 +161,7 @@ def test_only_faster_keeps_as_conv_a_layer_faster_only_by_chance(tmp_path, monke
 
 
 def test_only_faster_with_no_faster_layer_writes_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(
-        speed,
-        "time_layers",
-        lambda model, feeds, **kw: dict.fromkeys(haste_outputs(model), timing(2.0, 0)),
-    )
+    every_layer_timed(monkeypatch, timing(2.0, 0))
     out = tmp_path / "example.haste.onnx"
     with pytest.raises(NothingFaster, match="each layer alone: layer1 2.00, block.conv1 2.00"):
         convert(EXAMPLE, out, only_faster=True)
@@ -225,11 +230,7 @@ def test_only_faster_drops_layers_until_the_whole_model_is_faster(tmp_path, monk
 
 
 def test_only_faster_writes_nothing_when_the_whole_model_is_never_faster(tmp_path, monkeypatch):
-    monkeypatch.setattr(
-        speed,
-        "time_layers",
-        lambda model, feeds, **kw: dict.fromkeys(haste_outputs(model), timing(0.5)),
-    )
+    every_layer_timed(monkeypatch, timing(0.5))
     monkeypatch.setattr(
         speed, "time_model", lambda original, converted, feeds, **kw: timing(1.01, 4)
     )
@@ -245,11 +246,7 @@ def test_cli_exits_3_when_only_faster_keeps_no_layer(tmp_path, monkeypatch):
     from click.testing import CliRunner
     from haste_onnx.cli.main import main
 
-    monkeypatch.setattr(
-        speed,
-        "time_layers",
-        lambda model, feeds, **kw: dict.fromkeys(haste_outputs(model), timing(1.2, 0)),
-    )
+    every_layer_timed(monkeypatch, timing(1.2, 0))
     src = tmp_path / "example.onnx"
     src.write_bytes(EXAMPLE.read_bytes())
     result = CliRunner().invoke(
