@@ -775,10 +775,11 @@ def evaluate(
         console.progress,
         threads,
     )
-    console.echo(evaluation.table(result))
-    with Staging() as staging:
+    lines = [evaluation.table(result)]
+    with Staging() as staging:  # printed once the files are in place, as convert does
         if plot is not None:
             evaluation.plot(result, str(plot), staging)
-            console.echo(f"plot: {plot}")
+            lines.append(f"plot: {plot}")
+        staging.then(lambda: console.echo("\n".join(lines)))
         _write_json(kw["json_path"], {"model": str(model), **evaluation.to_json(result)}, staging)
         staging.commit()

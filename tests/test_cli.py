@@ -522,6 +522,22 @@ def test_evaluate_refuses_a_report_over_its_data(tmp_path):
     assert data.read_bytes() == source.read_bytes()
 
 
+def test_evaluate_writes_its_json_whatever_becomes_of_stdout(tmp_path):
+    model = Path(__file__).parent.parent / "models" / "fashion" / "resnet18_fashion.onnx"
+    data, report = (
+        Path(__file__).parent / "data" / "fashion_mnist_test_500.npz",
+        tmp_path / "r.json",
+    )
+    command = ["haste-onnx", "evaluate", model, "--data", data, "--limit", "4", "--planes", "4"]
+    proc = subprocess.Popen(
+        [*command, "--seeds", "1", "--stats-images", "2", "--json", report],
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()  # the reader goes away before the table
+    assert proc.wait() == 141 and json.loads(report.read_text())["sweep"]
+
+
 def test_the_command_imports_nothing_heavy_before_it_can_handle_ctrl_c(tmp_path):
     """The console script's module, haste_onnx.cli, loads neither onnx nor onnxruntime nor
     numpy (until its run() has started, Ctrl-C can only end in a traceback); the package's
