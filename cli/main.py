@@ -153,8 +153,8 @@ _policy_options = _stack(
         "--include",
         multiple=True,
         metavar="NAME",
-        help="Convert this Conv even if the policy (min channels, skip first) "
-        "would leave it; repeatable.",
+        help="Convert this Conv even if the policy (min channels, skip first, "
+        "projection shortcuts) would leave it; repeatable.",
     ),
     click.option(
         "--exclude",

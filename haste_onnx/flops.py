@@ -4,8 +4,8 @@ A multiply-add counts as two FLOPs. HASTE's cost depends on the measured mean co
 ratio ``r`` and mean number ``m`` of buckets merging more than one channel, so the FLOPs of a
 converted layer are always those of the inputs it was measured on. Patches are counted as the
 real number of output tiles (the paper approximates it as ``(H + P_H)/K * (W + P_W)/K``), and
-the hashing term uses the real number of non-zero plane entries, ``L * P^2 * (1 - s)`` in
-expectation.
+the hashing term counts the real non-zero plane entries, ``L * P^2 * (1 - s)`` in expectation:
+one addition each for planes of -1, 0 and +1, a multiply-add (two) each for dense Gaussian ones.
 """
 
 from __future__ import annotations
@@ -52,6 +52,12 @@ def conv_flops(
     return 2.0 * out_h * out_w * kernel_area * (in_channels // group) * out_channels
 
 
+def projection_flops(planes: np.ndarray) -> int:
+    """FLOPs of one channel's projections on all planes (Eq. 7 without ``n_p * C``)."""
+    ternary = bool(np.isin(planes, (-1.0, 0.0, 1.0)).all())
+    return int(np.count_nonzero(planes)) * (1 if ternary else 2)
+
+
 def haste_flops(
     *,
     in_channels: int,
@@ -60,7 +66,7 @@ def haste_flops(
     out_h: int,
     out_w: int,
     tile: int,
-    plane_nonzeros: int,
+    projection_flops: int,
     ratio: float,
     merging: float,
 ) -> HasteFlops:
@@ -72,7 +78,7 @@ def haste_flops(
     return HasteFlops(
         baseline=conv_flops(out_h, out_w, k2, c, m),
         centering=2.0 * n_p * c * patch_area,
-        hashing=float(n_p * c * plane_nonzeros),
+        hashing=float(n_p * c * projection_flops),
         merge_inputs=n_p * patch_area * (c * ratio + merging),
         merge_filters=n_p * m * c * ratio * k2,
         reduced_conv=2.0 * out_h * out_w * k2 * c * (1.0 - ratio) * m,

@@ -130,7 +130,7 @@ def build(
                     out_h=run.out_h,
                     out_w=run.out_w,
                     tile=plan.tile,
-                    plane_nonzeros=plan.plane_nonzeros,
+                    projection_flops=plan.projection_flops,
                     ratio=run.ratio,
                     merging=run.merging,
                 ),

@@ -119,6 +119,22 @@ def resnet_like(seed: int = 0) -> onnx.ModelProto:
     return n.model(n.head(h, 32), ["N", 10])
 
 
+def bottleneck_like(seed: int = 13) -> onnx.ModelProto:
+    """A stride-1 bottleneck block (ResNet-50's first): 1x1, 3x3, 1x1, and a 1x1 projection
+    shortcut from the block's input, one with BN after it and one with BN folded."""
+    n = Net(seed)
+    h = n.op("Relu", n.conv("x", 3, 16, name="stem"))
+    for i, folded in enumerate((False, True)):
+        r = n.op("Relu", n.conv(h, 16, 8, k=1, pads=[0] * 4, name=f"block{i}.conv1"))
+        r = n.op("Relu", n.conv(r, 8, 8, name=f"block{i}.conv2"))
+        r = n.conv(r, 8, 32 if i == 0 else 16, k=1, pads=[0] * 4, name=f"block{i}.conv3")
+        s = n.conv(h, 16, 32 if i == 0 else 16, k=1, pads=[0] * 4, name=f"block{i}.shortcut")
+        h = n.op("Relu", n.op("Add", r, s if folded else n.bn(s, 32)))
+        if i == 0:
+            h = n.op("Relu", n.conv(h, 32, 16, k=1, pads=[0] * 4, name="squeeze"))
+    return n.model(n.head(h, 16), ["N", 10])
+
+
 def vgg_like(seed: int = 1) -> onnx.ModelProto:
     n = Net(seed)
     h, c = "x", 3

@@ -92,6 +92,19 @@ def test_resnet_like_folds_bn_fuses_relu_and_keeps_strided_convs(tmp_path):
     assert make_session(str(tmp_path / "out.onnx")).run(None, {"x": x})[0].shape == (5, 10)
 
 
+def test_projection_shortcuts_are_left_alone_unless_included(tmp_path):
+    src = save(graphs.bottleneck_like(), tmp_path)
+    result = convert(src, tmp_path / "out.onnx")
+    assert result.passed, result.verification.failures
+    converted = {d.name for d in result.decisions if d.converted}
+    convs = ("conv1", "conv2", "conv3")
+    assert converted == {f"block{i}.{c}" for i in (0, 1) for c in convs} | {"squeeze"}
+    for name in ("block0.shortcut", "block1.shortcut"):
+        assert "1x1 projection shortcut" in by_name(result, name).reason
+    forced = convert(src, tmp_path / "forced.onnx", HasteOptions(include=("block1.shortcut",)))
+    assert {d.name for d in forced.decisions if d.converted} == converted | {"block1.shortcut"}
+
+
 def test_shape_inference_types_every_tensor_after_a_hasteconv(tmp_path):
     """onnx knows no schema for HasteConv: the converter declares its outputs, so that shape
     inference (and quantization or extract_model, built on it) still types the whole graph."""
@@ -337,6 +350,16 @@ def test_inspect_lists_every_conv_with_baseline_flops():
     assert result.flops.baseline_total == expected
 
 
+def test_dense_gaussian_projections_cost_a_multiply_add_per_entry(tmp_path):
+    """Appendix B.1: a Gaussian plane's dot product takes 2·P² FLOPs; a sparse plane's
+    additions take one per non-zero entry."""
+    src = save(graphs.tiny(), tmp_path)
+    n_p, c, patch = 2 * 2, 8, 5 * 5  # 6x6 outputs in 3x3 tiles
+    for sparsity, expected in ((None, 2 * n_p * c * 14 * patch), (0.0, n_p * c * 14 * patch)):
+        result = convert(src, tmp_path / "out.onnx", HasteOptions(sparsity=sparsity))
+        assert [layer.flops.hashing for layer in result.flops.layers] == [expected]
+
+
 def test_flops_terms_match_the_paper_formulas():
     f = flops.haste_flops(
         in_channels=64,
@@ -345,7 +368,7 @@ def test_flops_terms_match_the_paper_formulas():
         out_h=8,
         out_w=7,
         tile=3,
-        plane_nonzeros=100,
+        projection_flops=100,
         ratio=0.5,
         merging=4.0,
     )

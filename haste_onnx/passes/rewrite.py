@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from haste_onnx import ir, opdef
+from haste_onnx import flops, ir, opdef
 from haste_onnx.errors import InputError
 from haste_onnx.hashing import check_num_planes, make_planes
 from haste_onnx.passes.fold import as_initializer, fold_batchnorm, fold_constant_inputs
@@ -68,6 +68,7 @@ class ConvSite:
     weight: np.ndarray | None
     bias: np.ndarray | None
     bias_missing: bool  # the bias input names a tensor that is not constant
+    shortcut: bool = False  # a 1x1 projection shortcut of a residual block
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class LayerPlan:
     pads: tuple[int, int, int, int]
     tile: int
     num_planes: int
-    plane_nonzeros: int
+    projection_flops: int
     fused_batchnorm: bool | None  # None: not known (read back from a converted model)
     fused_relu: bool
 
@@ -194,6 +195,10 @@ def _sites(model: onnx.ModelProto) -> list[ConvSite]:
     }
     folded = fold_constant_inputs(model, wanted)
     names = {n.name for n in graph.node if n.name}  # an unnamed Conv's name must be new
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for input_name in set(n.input):
+            users.setdefault(input_name, []).append(n)
     sites = []
     for index, node in convs:
 
@@ -205,8 +210,21 @@ def _sites(model: onnx.ModelProto) -> list[ConvSite]:
         has_bias = len(node.input) > 2 and bool(node.input[2])
         bias = value(node.input[2]) if has_bias else None
         name = node.name or ir.unique_name(names, f"Conv_{index}({node.output[0]})")
-        sites.append(ConvSite(node, index, name, weight, bias, has_bias and bias is None))
+        shortcut = weight is not None and weight.shape[2:] == (1, 1)
+        shortcut = shortcut and _projection_shortcut(node, users)
+        sites.append(ConvSite(node, index, name, weight, bias, has_bias and bias is None, shortcut))
     return sites
+
+
+def _projection_shortcut(node: onnx.NodeProto, users: Mapping[str, list[onnx.NodeProto]]) -> bool:
+    """Whether a 1x1 Conv's output (through a BatchNormalization) is added to a residual
+    branch that starts from the same input: a ResNet shortcut, which the paper leaves alone."""
+    out = node.output[0]
+    if [u.op_type for u in users.get(out, [])] == ["BatchNormalization"]:
+        out = users[out][0].output[0]
+    adds = any(u.op_type in ("Add", "Sum") for u in users.get(out, []))
+    branch = any(u is not node and u.op_type == "Conv" for u in users.get(node.input[0], []))
+    return adds and branch
 
 
 def _check_names(sites: list[ConvSite], options: HasteOptions) -> None:
@@ -244,6 +262,8 @@ def decide(
             assert c is not None
             if c < options.min_channels:
                 reason = f"only {c} input channels (< {options.min_channels}): too few to merge"
+            elif site.shortcut:
+                reason = "1x1 projection shortcut of a residual block (left alone, as in the paper)"
             elif eligible_seen < options.skip_first:
                 eligible_seen += 1
                 reason = f"among the first {options.skip_first} eligible convs (skip_first)"
@@ -355,7 +375,7 @@ def rewrite(
                 pads=pads,
                 tile=options.tile,
                 num_planes=num_planes,
-                plane_nonzeros=int(np.count_nonzero(planes)),
+                projection_flops=flops.projection_flops(planes),
                 fused_batchnorm=folded is not None,
                 fused_relu=relu is not None,
             )
@@ -404,7 +424,7 @@ def plans_of(model: onnx.ModelProto) -> list[LayerPlan]:
                 pads=(pads[0], pads[1], pads[2], pads[3]),
                 tile=int(ir.attribute(node, "tile", opdef.DEFAULT_TILE)),  # type: ignore[call-overload]
                 num_planes=int(planes.shape[0]),
-                plane_nonzeros=int(np.count_nonzero(planes)),
+                projection_flops=flops.projection_flops(planes),
                 fused_batchnorm=None,
                 fused_relu=ir.attribute(node, "activation", "") == "Relu",
             )
