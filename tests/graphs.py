@@ -135,6 +135,18 @@ def bottleneck_like(seed: int = 13) -> onnx.ModelProto:
     return n.model(n.head(h, 16), ["N", 10])
 
 
+def fpn_like(seed: int = 14) -> onnx.ModelProto:
+    """Two backbone levels and an FPN top-down path: each level's lateral 1x1 Conv is added to
+    the upsampled coarser level, which came from the same input down the backbone."""
+    n = Net(seed, channels=16)
+    c4 = n.op("Relu", n.conv("x", 16, 32, stride=2, name="backbone"))
+    p4 = n.conv(c4, 32, 16, k=1, pads=[0] * 4, name="lateral4")
+    scales = n.const(np.array([1, 1, 2, 2]))
+    up = n.op("Resize", p4, "", scales, mode="nearest")
+    p3 = n.op("Add", n.conv("x", 16, 16, k=1, pads=[0] * 4, name="lateral3"), up)
+    return n.model(n.conv(p3, 16, 16, name="smooth"), ["N", 16, 16, 16])
+
+
 def vgg_like(seed: int = 1) -> onnx.ModelProto:
     n = Net(seed)
     h, c = "x", 3

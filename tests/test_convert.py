@@ -103,6 +103,8 @@ def test_projection_shortcuts_are_left_alone_unless_included(tmp_path):
         assert "1x1 projection shortcut" in by_name(result, name).reason
     forced = convert(src, tmp_path / "forced.onnx", HasteOptions(include=("block1.shortcut",)))
     assert {d.name for d in forced.decisions if d.converted} == converted | {"block1.shortcut"}
+    fpn = convert(save(graphs.fpn_like(), tmp_path), tmp_path / "fpn.onnx")  # not a shortcut
+    assert {d.name for d in fpn.decisions if d.converted} == {"lateral4", "lateral3", "smooth"}
 
 
 def test_shape_inference_types_every_tensor_after_a_hasteconv(tmp_path):

@@ -216,15 +216,32 @@ def _sites(model: onnx.ModelProto) -> list[ConvSite]:
     return sites
 
 
+_RESAMPLING = frozenset({"Resize", "Upsample", "MaxPool", "AveragePool", "GlobalAveragePool"})
+
+
 def _projection_shortcut(node: onnx.NodeProto, users: Mapping[str, list[onnx.NodeProto]]) -> bool:
     """Whether a 1x1 Conv's output (through a BatchNormalization) is added to a residual
-    branch that starts from the same input: a ResNet shortcut, which the paper leaves alone."""
+    branch that starts from the same input: a ResNet shortcut, which the paper leaves alone.
+    The branch is a short path of nodes that keep the map's size (an FPN's lateral 1x1 Conv,
+    added to a map that came down the backbone and was upsampled, is not a shortcut)."""
     out = node.output[0]
     if [u.op_type for u in users.get(out, [])] == ["BatchNormalization"]:
         out = users[out][0].output[0]
-    adds = any(u.op_type in ("Add", "Sum") for u in users.get(out, []))
-    branch = any(u is not node and u.op_type == "Conv" for u in users.get(node.input[0], []))
-    return adds and branch
+    adds = {id(u) for u in users.get(out, []) if u.op_type in ("Add", "Sum")}
+    frontier, seen = [node.input[0]] if adds else [], set()
+    for _ in range(16):  # nodes on the branch, at most
+        step: list[str] = []
+        for tensor in frontier:
+            for user in users.get(tensor, []):
+                if id(user) in adds:
+                    return True
+                strided = any(s != 1 for s in _ints(user, "strides", [1, 1]))
+                if user is node or id(user) in seen or user.op_type in _RESAMPLING or strided:
+                    continue
+                seen.add(id(user))
+                step.extend(name for name in user.output if name)
+        frontier = step
+    return False
 
 
 def _check_names(sites: list[ConvSite], options: HasteOptions) -> None:
