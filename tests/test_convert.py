@@ -64,6 +64,23 @@ def test_example_model_converts_verifies_and_runs(tmp_path):
     assert all(layer.kernel_mismatch == 0.0 for layer in result.verification.layers)
 
 
+def test_a_kernel_that_disagrees_with_the_reference_fails_verification(tmp_path, monkeypatch):
+    import haste_onnx.verify
+
+    reference = haste_onnx.verify.haste_conv
+
+    def skewed(*args, **kwargs):  # as if the C++ kernel were off by 0.1 %
+        y, stats = reference(*args, **kwargs)
+        return y * np.float32(1.001), stats
+
+    monkeypatch.setattr(haste_onnx.verify, "haste_conv", skewed)
+    result = convert(EXAMPLE, tmp_path / "out.onnx")
+    assert not result.passed and not (tmp_path / "out.onnx").exists()
+    assert any(
+        "the C++ kernel and the numpy reference disagree" in f for f in result.verification.failures
+    )
+
+
 def test_resnet_like_folds_bn_fuses_relu_and_keeps_strided_convs(tmp_path):
     src = save(graphs.resnet_like(), tmp_path)
     result = convert(src, tmp_path / "out.onnx")

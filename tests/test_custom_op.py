@@ -223,6 +223,20 @@ def test_matches_reference(case: dict) -> None:
     assert cmp.error <= 1e-4
 
 
+def test_every_kind_of_bucket_matches_reference() -> None:
+    """Single channels, pairs, buckets of three or four and larger ones: the 3x3 kernel has a
+    loop for each, and few planes on many channels give them all in every tile."""
+    rng = np.random.default_rng(12)
+    case = dict(n=2, c=48, m=19, h=12, w=12, k=3, num_planes=5, bias=True, sparsity=2 / 3, tile=3)
+    x, w, bias, planes = _inputs(rng, case)
+    cmp = Comparison(x, w, planes, bias, pads=(1, 1, 1, 1), relu=True)
+    codes = cmp.stats.codes.reshape(-1, case["c"])
+    sizes = {int(size) for tile in codes for size in np.unique(tile, return_counts=True)[1]}
+    assert {1, 2, 3, 4} <= sizes and max(sizes) > 4, sizes
+    assert cmp.agreement >= 0.9999, f"{cmp.codes_agreeing}/{cmp.codes_total} codes agree"
+    assert cmp.error <= 1e-4
+
+
 def test_random_shapes_sweep() -> None:
     """Many small random shapes, tiles and planes: codes agree on >= 99.99 % of (tile, channel)."""
     rng = np.random.default_rng(11)
