@@ -820,3 +820,44 @@ def test_an_interrupt_with_stderr_closed_leaves_stdout_to_the_json(tmp_path):
     proc.terminate()
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130 and out == b""
+
+
+def test_a_failed_commit_removes_the_new_files_it_moved(tmp_path, monkeypatch):
+    model, report = tmp_path / "new.onnx", tmp_path / "r.json"
+    replace = os.replace
+
+    def busy_report(source, destination):
+        if Path(destination) == report:
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        replace(source, destination)
+
+    with staging.Staging() as stage:
+        stage.write(model, lambda path: path.write_text("model"))
+        stage.write(report, lambda path: path.write_text("report"))
+        monkeypatch.setattr(staging.os, "replace", busy_report)
+        with pytest.raises(InputError, match="nothing was written"):
+            stage.commit()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_device_is_refused_as_output():
+    with pytest.raises(InputError, match="not a regular file"):
+        staging.check_writable(Path("/dev/null"), "-o")  # only checked: nothing is written
+
+
+def test_verify_exits_1_when_fidelity_fails(example, tmp_path):
+    assert run("convert", example, "-q")[0] == 0
+    converted = tmp_path / "example.haste.onnx"
+    code, _, err = run("verify", example, converted, "--min-cosine", "0.9999999")
+    assert code == 1 and "error: fidelity check failed" in err, err
+
+
+def test_an_image_folder_is_resized_to_the_dims_given_by_name(tmp_path):
+    image = pytest.importorskip("PIL.Image")
+    model = graphs.vgg_like()
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "H", "W"
+    (tmp_path / "images").mkdir()
+    image.fromarray(np.zeros((40, 48, 3), np.uint8)).save(tmp_path / "images" / "a.png")
+    (x,) = user_feeds(model, tmp_path / "images", {"H": 12, "W": 20}).arrays.values()
+    assert x.shape == (1, 3, 12, 20)

@@ -8,11 +8,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import haste_onnx
-from haste_onnx import flops, opdef
+from haste_onnx import flops, opdef, report
 from haste_onnx.errors import InputError
+from haste_onnx.passes.fold import fold_batchnorm
 from haste_onnx.passes.rewrite import HasteOptions
 from haste_onnx.pipeline import VerifyOptions, convert, inspect, verify_pair
 from haste_onnx.reference import HasteConv
@@ -444,3 +446,73 @@ def test_models_past_the_protobuf_limit_go_through_files(tmp_path, monkeypatch):
 def test_bad_options_raise_input_error(make, message):
     with pytest.raises(InputError, match=message):
         make()
+
+
+def test_an_output_spelled_differently_from_the_input_is_refused(tmp_path):
+    src = save(onnx.load(EXAMPLE), tmp_path, "ok.onnx")
+    before = src.read_bytes()
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(InputError, match="output path is the input model"):
+        convert(src, tmp_path / "sub" / ".." / "ok.onnx")
+    assert src.read_bytes() == before
+
+
+def test_mean_ratio_is_weighted_by_baseline_flops():
+    def layer(name: str, ratio: float, c: int) -> report.LayerReport:
+        counts = flops.haste_flops(
+            in_channels=c,
+            out_channels=c,
+            kernel=3,
+            out_h=8,
+            out_w=8,
+            tile=3,
+            projection_flops=10,
+            ratio=ratio,
+            merging=1.0,
+        )
+        return report.LayerReport(name, c, c, 3, 8, 8, 14, 3, ratio, 1.0, counts, True, False)
+
+    flops_report = report.FlopsReport("x", [layer("a", 0.2, 16), layer("b", 0.6, 32)], [], 0.0, [])
+    assert flops_report.mean_ratio == pytest.approx((0.2 * 256 + 0.6 * 1024) / 1280)
+
+
+def test_batchnorm_folding_uses_the_node_epsilon():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    params = [rng.uniform(0.5, 1.5, 4).astype(np.float32) for _ in range(4)]
+    names = ["scale", "shift", "mean", "var"]
+    inits = [numpy_helper.from_array(a, n) for a, n in zip(params, names)]
+    graph = helper.make_graph([], "g", [], [], inits)
+    bn = helper.make_node("BatchNormalization", ["y", *names], ["z"], epsilon=0.5)
+    folded_w, folded_b = fold_batchnorm(w, b, bn, graph)
+    scale, shift, mean, var = (p.astype(np.float64) for p in params)
+    factor = scale / np.sqrt(var + 0.5)
+    np.testing.assert_allclose(folded_w, w * factor[:, None, None, None], rtol=1e-6)
+    np.testing.assert_allclose(folded_b, (b - mean) * factor + shift, rtol=1e-6, atol=1e-7)
+
+
+def test_relu_is_not_fused_when_the_conv_output_is_a_graph_output(tmp_path):
+    n = graphs.Net(0, channels=16, size=8)
+    y = n.conv("x", 16, 16, name="conv")
+    model = n.model(n.op("Relu", y), ["N", 16, 8, 8])
+    model.graph.output.append(
+        helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, ["N", 16, 8, 8])
+    )
+    result = convert(save(model, tmp_path), tmp_path / "out.onnx")
+    assert result.passed and [(p.name, p.fused_relu) for p in result.layers] == [("conv", False)]
+
+
+def test_a_layers_planes_do_not_depend_on_which_others_are_converted(tmp_path):
+    def planes(path: Path, name: str) -> np.ndarray:
+        model = onnx.load(path)
+        node = next(n for n in model.graph.node if n.name == name)
+        return next(
+            numpy_helper.to_array(t) for t in model.graph.initializer if t.name == node.input[3]
+        )
+
+    convert(EXAMPLE, tmp_path / "all.onnx")
+    convert(EXAMPLE, tmp_path / "part.onnx", HasteOptions(exclude=("layer1",)))
+    np.testing.assert_array_equal(
+        planes(tmp_path / "all.onnx", "block.conv1"), planes(tmp_path / "part.onnx", "block.conv1")
+    )

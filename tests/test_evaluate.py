@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from haste_onnx import datasets
-from haste_onnx.evaluate import ablation, evaluate
+from haste_onnx.evaluate import Row, Run, ablation, evaluate
 from haste_onnx.passes.rewrite import HasteOptions
 
 ROOT = Path(__file__).parent.parent
@@ -134,3 +134,11 @@ def test_evaluation_that_could_only_mislead_is_refused(fashion, case, message):
         images[1, 0, 3, 3] = np.nan
     with pytest.raises(ValueError, match=message):
         evaluate(model, images, labels, "fashion", planes=(14,), options=options)
+
+
+def test_std_over_seeds_has_ddof_0():
+    def run(accuracy: float) -> Run:
+        return Run(8, 0, accuracy, 0.5, 0.5, {})
+
+    assert Row(8, [run(0.5), run(0.7)]).accuracy == pytest.approx((0.6, 0.1))
+    assert Row(8, [run(0.5)]).accuracy == (0.5, 0.0)
