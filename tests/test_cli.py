@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 from haste_onnx.cli.main import main
 
-from haste_onnx import cli, pipeline, staging
+from haste_onnx import cli, inputs, pipeline, staging
 from haste_onnx.errors import InputError
 from haste_onnx.inputs import user_feeds
 
@@ -861,3 +861,55 @@ def test_an_image_folder_is_resized_to_the_dims_given_by_name(tmp_path):
     image.fromarray(np.zeros((40, 48, 3), np.uint8)).save(tmp_path / "images" / "a.png")
     (x,) = user_feeds(model, tmp_path / "images", {"H": 12, "W": 20}).arrays.values()
     assert x.shape == (1, 3, 12, 20)
+
+
+def test_max_rel_l2_fails_the_check_and_says_what_would_pass(example, tmp_path):
+    code, out, err = run("convert", example, "--max-rel-l2", "1e-9", "--json", "-")
+    assert code == 1, err
+    doc = json.loads(out)
+    assert doc["passed"] is False and doc["output"] == []
+    assert any("relative L2 error" in f and "--max-rel-l2" in f for f in doc["failures"])
+    assert not (tmp_path / "example.haste.onnx").exists()
+    code, _, err = run("convert", example, "--max-rel-l2", "10", "-q")
+    assert code == 0, err
+
+
+def test_dim_sizes_the_first_axis_too():
+    model = onnx.load(EXAMPLE)  # input [N, 3, 32, 32]
+    feeds = inputs.random_feeds(model, batch=2, dims={"N": 3})
+    assert feeds.arrays["input"].shape == (3, 3, 32, 32)
+    assert inputs.random_feeds(model, batch=2).arrays["input"].shape == (2, 3, 32, 32)
+
+
+def _fixed_batch_model() -> onnx.ModelProto:
+    model = graphs.vgg_like()  # x [N, 3, 16, 16]
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    model.ir_version = graphs.IR_VERSION
+    return model
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 16, 16), (1, 3, 8, 8), (1, 3, 16)])
+def test_arrays_of_the_wrong_shape_are_refused(tmp_path, shape):
+    np.save(tmp_path / "x.npy", np.zeros(shape, np.float32))
+    with pytest.raises(InputError, match="does not fit the model's"):
+        inputs.user_feeds(_fixed_batch_model(), tmp_path / "x.npy")
+
+
+def test_npz_arrays_are_taken_by_input_name_not_by_position(tmp_path):
+    model = graphs.vgg_like()  # one input, "x"
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    np.savez(tmp_path / "both.npz", labels=np.arange(2), x=x)
+    np.testing.assert_array_equal(inputs.user_feeds(model, tmp_path / "both.npz").arrays["x"], x)
+    np.savez(tmp_path / "other.npz", images=x)
+    with pytest.raises(InputError, match=r"lacks arrays for inputs \['x'\]"):
+        inputs.user_feeds(model, tmp_path / "other.npz")
+
+
+def test_sparsity_dense_gives_gaussian_planes(example, tmp_path):
+    out = tmp_path / "dense.onnx"
+    code, stdout, err = run("convert", example, "-s", "dense", "-o", out, "--json", "-", "-q")
+    assert code == 0, err
+    assert json.loads(stdout)["options"]["sparsity"] is None
+    model = onnx.load(out)
+    planes = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer if "planes" in t.name]
+    assert planes and all(np.all(p != 0) and not np.all(np.abs(p) == 1) for p in planes)

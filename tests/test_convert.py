@@ -15,11 +15,11 @@ import haste_onnx
 from haste_onnx import flops, opdef, report
 from haste_onnx.errors import InputError
 from haste_onnx.passes.fold import fold_batchnorm
-from haste_onnx.passes.rewrite import HasteOptions
+from haste_onnx.passes.rewrite import HasteOptions, decide
 from haste_onnx.pipeline import VerifyOptions, convert, inspect, verify_pair
 from haste_onnx.reference import HasteConv
 from haste_onnx.runtime import make_session
-from haste_onnx.verify import Tolerances
+from haste_onnx.verify import Tolerances, compare
 
 EXAMPLE = Path(__file__).parent.parent / "models" / "example.onnx"
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
@@ -516,3 +516,47 @@ def test_a_layers_planes_do_not_depend_on_which_others_are_converted(tmp_path):
     np.testing.assert_array_equal(
         planes(tmp_path / "all.onnx", "block.conv1"), planes(tmp_path / "part.onnx", "block.conv1")
     )
+
+
+@pytest.fixture(scope="module")
+def example_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("conv") / "out.onnx"
+    return convert(EXAMPLE, out, write=False)
+
+
+def test_top1_only_for_classification_outputs():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((8, 10))
+    flipped = logits.copy()
+    flipped[:2] *= -1  # two rows whose argmax changes
+    assert compare("logits", logits, flipped).top1 == pytest.approx(0.75)
+    maps = rng.standard_normal((2, 16, 4, 4))
+    assert compare("features", maps, maps[:, ::-1]).top1 is None  # [N, C, H, W]: no classes
+    single = rng.standard_normal((4, 1))
+    assert compare("score", single, -single).top1 is None  # [N, 1]: a score, not classes
+
+
+def test_unchanged_flops_are_the_skipped_convs_and_the_gemm(example_result):
+    totals = report.flops_json(example_result.flops)["totals"]
+    # skipped: stem 2*32*32*9*3*32, down 2*16*16*9*64*64; Gemm 2*64*10
+    unchanged = 2 * 1024 * 9 * 3 * 32 + 2 * 256 * 9 * 64 * 64 + 2 * 64 * 10
+    assert totals["unchanged_flops"] == unchanged
+    assert totals["baseline_flops"] == totals["converted_baseline_flops"] + unchanged
+    assert totals["haste_flops"] == totals["converted_haste_flops"] + unchanged
+
+
+def test_table_totals_are_the_whole_model(example_result):
+    flops = example_result.flops
+    (line,) = [ln for ln in report.table(flops).splitlines() if ln.startswith("converted layers:")]
+    assert line.startswith(f"converted layers: {report._human(flops.converted_baseline)} -> ")
+    assert f"whole model (Conv, Gemm, MatMul): {report._human(flops.baseline_total)} -> " in line
+    assert f"-> {report._human(flops.haste_total)} (" in line
+
+
+def test_skip_first_counts_only_convs_the_policy_would_convert():
+    """Projection shortcuts are never eligible: they do not use up --skip-first."""
+    _, decisions = decide(graphs.bottleneck_like(), HasteOptions(skip_first=4))
+    reasons = {d.name: d.reason for d in decisions}
+    assert "projection shortcut" in reasons["block0.shortcut"]
+    skipped = [d.name for d in decisions if "skip_first" in d.reason]
+    assert skipped == ["block0.conv1", "block0.conv2", "block0.conv3", "squeeze"]

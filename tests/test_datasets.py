@@ -286,3 +286,12 @@ def test_finders_use_cache_dir_and_explain_missing(tmp_path, monkeypatch, mnist_
     save_png(fb / "cifar10_00_3.png", np.zeros((2, 2, 3), np.uint8))
     assert ds.find_foolbox_samples() == fb
     assert ds.load_foolbox_samples()[1].tolist() == [3]
+
+
+def test_idx_int8_keeps_its_sign(tmp_path):
+    x = np.array([[[-128, -1], [0, 127]]], dtype=np.int8)
+    header = bytes([0, 0, 0x09, x.ndim]) + struct.pack(">3I", *x.shape)
+    (tmp_path / "x.idx").write_bytes(header + x.tobytes())
+    loaded = ds.load_idx(tmp_path / "x.idx")
+    assert loaded.dtype == np.int8
+    np.testing.assert_array_equal(loaded, x)
