@@ -14,8 +14,8 @@ from onnx.reference import ReferenceEvaluator
 import haste_onnx
 from haste_onnx import flops, opdef, report
 from haste_onnx.errors import InputError
-from haste_onnx.passes.fold import fold_batchnorm
-from haste_onnx.passes.rewrite import HasteOptions, decide
+from haste_onnx.passes.fold import fold_batchnorm, fold_constant_inputs
+from haste_onnx.passes.rewrite import HasteOptions, decide, rewrite
 from haste_onnx.pipeline import VerifyOptions, convert, inspect, verify_pair
 from haste_onnx.reference import HasteConv
 from haste_onnx.runtime import make_session
@@ -560,3 +560,40 @@ def test_skip_first_counts_only_convs_the_policy_would_convert():
     assert "projection shortcut" in reasons["block0.shortcut"]
     skipped = [d.name for d in decisions if "skip_first" in d.reason]
     assert skipped == ["block0.conv1", "block0.conv2", "block0.conv3", "squeeze"]
+
+
+def test_fold_constant_inputs_leaves_out_graph_inputs_and_computed_tensors() -> None:
+    """A Conv weight that is a graph input (no initializer) is neither constant nor computed
+    by a node: fold_constant_inputs leaves it out (as it does a tensor computed from X) and
+    returns the folded value of a constant subgraph; rewrite then keeps that Conv as Conv."""
+    rng = np.random.default_rng(45)
+    w2 = rng.standard_normal((8, 8, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node(
+            "Conv", ["X", "W1"], ["A"], name="input_weight", kernel_shape=[3, 3], pads=[1] * 4
+        ),
+        helper.make_node("Constant", [], ["two"], value=numpy_helper.from_array(np.float32(2.0))),
+        helper.make_node("Mul", ["w2", "two"], ["W2"]),
+        helper.make_node(
+            "Conv", ["A", "W2"], ["B"], name="folded", kernel_shape=[3, 3], pads=[1] * 4
+        ),
+        helper.make_node("ReduceMean", ["B"], ["W3"], axes=[0, 2, 3], keepdims=1),
+        helper.make_node("Conv", ["B", "W3"], ["Y"], name="from_x", kernel_shape=[1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, [1, 8, 8, 8]),
+            helper.make_tensor_value_info("W1", onnx.TensorProto.FLOAT, [8, 8, 3, 3]),
+        ],
+        [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(w2, "w2")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    folded = fold_constant_inputs(model, {"W1", "W2", "W3"})
+    assert set(folded) == {"W2"}
+    np.testing.assert_array_equal(folded["W2"], 2 * w2)
+    converted, decisions, plans = rewrite(model, HasteOptions())
+    assert [p.name for p in plans] == ["folded"], decisions

@@ -610,3 +610,99 @@ def test_make_session_registers_the_library(tmp_path: Path) -> None:
         assert sess.get_session_options().intra_op_num_threads == 1
         assert relative_l2(sess.run(None, {"X": x})[0], expected) <= 1e-5
     assert relative_l2(make_session(model).run(None, {"X": x})[0], expected) <= 1e-5
+
+
+@pytest.mark.parametrize("tile", [3, 4], ids=["compact", "generic"])
+def test_inputs_larger_than_one_chunk_match_conv_of_the_mean(tile: int) -> None:
+    """3 x 64 x 96 x 96 lays out several chunks of tile rows (the last one partial), for the T = 3
+    kernel and for the generic one; with no planes every tile is one bucket, so the output is
+    exactly Conv of the channel mean with the summed filters, wherever the chunk starts."""
+    rng = np.random.default_rng(40)
+    x = rng.standard_normal((3, 64, 96, 96)).astype(np.float32)
+    w = rng.standard_normal((5, 64, 3, 3)).astype(np.float32)
+    pads = (1, 1, 1, 1)
+    y = run(haste_model(w, np.zeros((0, (tile + 2) ** 2), np.float32), pads=pads, tile=tile), x)
+    expected = run(conv_model(w.sum(axis=1, keepdims=True), pads), x.mean(axis=1, keepdims=True))
+    assert relative_l2(y, expected) <= 1e-5
+
+
+def _runtime_w_model(planes: np.ndarray, bias: np.ndarray, pads, tile: int) -> onnx.ModelProto:
+    node = make_node(
+        "X", "W", "planes", "Y", bias="B", kernel=3, pads=pads, tile=tile, activation="Relu"
+    )
+    graph = helper.make_graph(
+        [node],
+        "haste_conv_runtime_w",
+        [
+            helper.make_tensor_value_info("X", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("W", TensorProto.FLOAT, None),
+        ],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(planes, "planes"), numpy_helper.from_array(bias, "B")],
+    )
+    return _model(graph, DOMAIN)  # ir_version 10
+
+
+@pytest.mark.parametrize("tile", [3, 2])
+def test_w_given_at_run_time_is_packed_by_the_run(tile: int) -> None:
+    """W a graph input: each run packs it (a second W, new values, is packed again), and every
+    output equals the one with W a constant (packed once at session creation)."""
+    rng = np.random.default_rng(41)
+    p = tile + 2
+    planes = make_planes(14, p * p, 2 / 3, rng)
+    bias = rng.standard_normal(11).astype(np.float32)
+    pads = (1, 1, 1, 1)
+    sess = session(_runtime_w_model(planes, bias, pads, tile))
+    x = rng.standard_normal((2, 8, 10, 9)).astype(np.float32)
+    for _ in range(2):
+        w = rng.standard_normal((11, 8, 3, 3)).astype(np.float32)
+        got = sess.run(None, {"X": x, "W": w})[0]
+        want = run(haste_model(w, planes, bias, pads=pads, tile=tile, activation="Relu"), x)
+        np.testing.assert_array_equal(got, want)
+        ref = haste_conv(x, w, planes, bias, pads=pads, tile=tile, relu=True)
+        assert relative_l2(got, ref) <= 1e-4
+
+
+_W = np.ones((4, 3, 3, 3), np.float32)
+_X = np.ones((1, 3, 8, 8), np.float32)
+
+
+@pytest.mark.parametrize(
+    "planes, message",
+    [
+        (np.ones((2, 25, 1), np.float32), r"got shape \[2, 25, 1\]"),
+        (np.ones((2, 25, 3), np.float32), r"got shape \[2, 25, 3\]"),
+    ],
+    ids=["3-D fits the data", "3-D"],
+)
+def test_planes_of_rank_other_than_two_fail_with_message(planes, message) -> None:
+    with pytest.raises(ORT_ERRORS, match=r"HasteConv: planes must be \[L, P\*P\].*" + message):
+        run(haste_model(_W, planes), _X)
+
+
+def test_bias_of_rank_two_fails_with_message() -> None:
+    with pytest.raises(
+        ORT_ERRORS, match=r"HasteConv: B must have shape \[4\] .*got shape \[4, 1\]"
+    ):
+        run(haste_model(_W, np.ones((2, 25), np.float32), np.ones((4, 1), np.float32)), _X)
+
+
+@pytest.mark.parametrize("m", [72, 100])
+@pytest.mark.parametrize("tile", [3, 2])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_many_output_channels_match_reference(m: int, tile: int, threads: int) -> None:
+    """M = 72 or 100 is 9 or 13 blocks of 8 lanes (18 or 25 of 4): several block ranges per row
+    group, whose union must cover every output channel, on one thread or two."""
+    rng = np.random.default_rng(42)
+    case = dict(
+        n=2, c=12, m=m, h=11, w=10, k=3, num_planes=14, bias=True, sparsity=2 / 3, tile=tile
+    )
+    x, w, bias, planes = _inputs(rng, case)
+    pads = (1, 1, 1, 1)
+    model = haste_model(w, planes, bias, pads=pads, tile=tile, activation="Relu")
+    y = run(model, x, threads=threads)
+    cmp = Comparison(x, w, planes, bias, pads=pads, tile=tile, relu=True)
+    assert cmp.agreement >= 0.9999 and cmp.error <= 1e-4
+    if cmp.codes_agreeing == cmp.codes_total:
+        assert relative_l2(y, cmp.y_ref) <= 1e-4
+    np.testing.assert_array_equal(y, cmp.y)  # threads change nothing

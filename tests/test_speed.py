@@ -316,3 +316,41 @@ def test_cli_threads_only_with_only_faster(tmp_path):
     assert result.exit_code == 2
     assert "--threads applies to --only-faster" in result.output
     assert not (tmp_path / "example.haste.onnx").exists()
+
+
+def test_time_layers_times_each_hasteconv_layer_first_on_its_own_input(monkeypatch) -> None:
+    """compare(haste, conv) gets the HasteConv layer first (its ratio is HasteConv / Conv), both
+    sides with the threads asked for, and each layer fed the tensor it reads when the whole
+    model runs on the feeds (not the model's input)."""
+    example = Path(__file__).parent.parent / "models" / "example.onnx"
+    converted, _, _ = rewrite(onnx.load(example), HasteOptions())
+    nodes = [n for n in converted.graph.node if n.domain == opdef.DOMAIN]
+    rng = np.random.default_rng(44)
+    feeds = {"input": rng.standard_normal((1, 3, 32, 32)).astype(np.float32)}
+    inputs = make_session(ir.with_outputs(converted, [n.input[0] for n in nodes])).run(
+        [n.input[0] for n in nodes], feeds
+    )
+
+    class Side:
+        def __init__(self, model, threads, custom_ops=True):
+            self.haste = custom_ops and any(n.domain == opdef.DOMAIN for n in model.graph.node)
+            self.threads = threads
+
+        def run(self, names, feed):
+            return self, feed
+
+    calls = []
+    monkeypatch.setattr(speed, "_timed_session", Side)
+
+    def compare(haste, conv, rounds):
+        calls.append((haste(), conv()))
+        return speed.Comparison(0.5, 2, 2)
+
+    monkeypatch.setattr(speed, "compare", compare)
+    timings = speed.time_layers(converted, feeds, rounds=2, threads=2)
+    assert list(timings) == [n.output[0] for n in nodes] and len(calls) == len(nodes)
+    for ((first, feed_a), (second, feed_b)), x in zip(calls, inputs):
+        assert first.haste and not second.haste
+        assert first.threads == second.threads == 2
+        np.testing.assert_array_equal(feed_a["X"], x)
+        np.testing.assert_array_equal(feed_b["X"], x)
