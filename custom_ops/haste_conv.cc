@@ -695,7 +695,7 @@ __attribute__((always_inline)) inline void ConvTile3With(const float* in, const 
   const Reg shift = *reinterpret_cast<const Vec*>(bias);
   Unroll<kRows * kCols>([&](auto p) __attribute__((always_inline)) {
     const Reg v = acc[p] + shift;
-    reinterpret_cast<Vec*>(out)[p] = relu ? (v > 0.0f ? v : Reg{}) : v;
+    reinterpret_cast<Vec*>(out)[p] = relu ? (v < 0.0f ? Reg{} : v) : v;  // NaN stays NaN
   });
 }
 
