@@ -913,3 +913,48 @@ def test_sparsity_dense_gives_gaussian_planes(example, tmp_path):
     model = onnx.load(out)
     planes = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer if "planes" in t.name]
     assert planes and all(np.all(p != 0) and not np.all(np.abs(p) == 1) for p in planes)
+
+
+def test_a_read_only_output_directory_is_refused_before_any_work(example, tmp_path, monkeypatch):
+    """A directory the user may not write to (as seen by os.access: root may write anywhere, so
+    it is made read-only for the check itself) is refused up front, exit 2, nothing written."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    access = os.access
+
+    def no_write_in_locked(path, mode, *args, **kwargs):
+        if Path(path) == locked and mode & os.W_OK:
+            return False
+        return access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(staging.os, "access", no_write_in_locked)
+    code, _, err = run("convert", example, "-o", locked / "out.onnx")
+    assert code == 2 and f"output directory is not writable: {locked}" in err, err
+    assert list(locked.iterdir()) == []
+
+
+def test_a_failed_commit_puts_back_old_files_where_hard_links_are_refused(tmp_path, monkeypatch):
+    """Where the file system refuses a hard link, the old file is kept as a copy: a commit that
+    fails after replacing it still puts it back, and says nothing was written."""
+    files = [tmp_path / "model.onnx", tmp_path / "report.json"]
+    files[0].write_text("old")
+    real_replace = os.replace
+    calls = []
+
+    def refuse_link(*args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    def second_fails(source, destination):  # the report's move fails; putting back works
+        calls.append(destination)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "Input/output error")
+        real_replace(source, destination)
+
+    with staging.Staging() as stage:
+        for path in files:
+            stage.write(path, lambda staged: staged.write_text("new"))
+        monkeypatch.setattr(staging.os, "link", refuse_link)
+        monkeypatch.setattr(staging.os, "replace", second_fails)
+        with pytest.raises(InputError, match="nothing was written"):
+            stage.commit()
+    assert files[0].read_text() == "old" and not files[1].exists()

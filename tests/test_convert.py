@@ -19,7 +19,7 @@ from haste_onnx.passes.rewrite import HasteOptions, decide, rewrite
 from haste_onnx.pipeline import VerifyOptions, convert, inspect, verify_pair
 from haste_onnx.reference import HasteConv
 from haste_onnx.runtime import make_session
-from haste_onnx.verify import Tolerances, compare
+from haste_onnx.verify import OutputFidelity, Tolerances, _output_failures, compare
 
 EXAMPLE = Path(__file__).parent.parent / "models" / "example.onnx"
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
@@ -597,3 +597,39 @@ def test_fold_constant_inputs_leaves_out_graph_inputs_and_computed_tensors() -> 
     np.testing.assert_array_equal(folded["W2"], 2 * w2)
     converted, decisions, plans = rewrite(model, HasteOptions())
     assert [p.name for p in plans] == ["folded"], decisions
+
+
+def test_a_data_file_onnx_cannot_open_is_an_input_error(tmp_path):
+    """onnx reports a data file it cannot open as a checker.ValidationError: it must come out as
+    the one-line 'cannot write' InputError, and no file is left (here the data file's name,
+    <output>.data, is longer than a file name may be)."""
+    src = tmp_path / "ext.onnx"
+    onnx.save(onnx.load(EXAMPLE), src, save_as_external_data=True, location="ext.onnx.data")
+    out = tmp_path / ("a" * 248 + ".onnx")  # a legal name; its .data, 258 characters, is not
+    with pytest.raises(InputError, match="cannot write"):
+        convert(src, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ext.onnx", "ext.onnx.data"]
+
+
+def test_min_top1_fails_just_below_and_suggests_a_bound_that_passes():
+    """top-1 agreement 2/3: --min-top1 0.6667 fails, and the bound its message suggests (rounded
+    down, 0.6666) passes; 2/3 itself passes."""
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((3, 10))
+    flipped = logits.copy()
+    flipped[:1] *= -1  # one row of three whose argmax changes
+    result = compare("logits", logits, flipped)
+    assert result.top1 == pytest.approx(2 / 3)
+    failures = _output_failures([result], Tolerances(min_cosine=None, min_top1=0.6667))
+    assert len(failures) == 1 and "(--min-top1 0.6666 would pass)" in failures[0], failures
+    assert _output_failures([result], Tolerances(min_cosine=None, min_top1=0.6666)) == []
+    assert _output_failures([result], Tolerances(min_cosine=None, min_top1=2 / 3)) == []
+
+
+def test_the_suggested_min_cosine_passes_what_failed():
+    """A cosine of 0.94996 fails --min-cosine 0.95; the bound the message suggests is rounded
+    down (0.9499), so that it passes, not to the nearest (0.95), which fails again."""
+    result = OutputFidelity("y", max_abs=0.1, rel_l2=0.3, cosine=0.94996, top1=None)
+    failures = _output_failures([result], Tolerances(min_cosine=0.95))
+    assert len(failures) == 1 and "(--min-cosine 0.9499 would pass)" in failures[0], failures
+    assert _output_failures([result], Tolerances(min_cosine=0.9499)) == []

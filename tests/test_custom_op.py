@@ -706,3 +706,29 @@ def test_many_output_channels_match_reference(m: int, tile: int, threads: int) -
     if cmp.codes_agreeing == cmp.codes_total:
         assert relative_l2(y, cmp.y_ref) <= 1e-4
     np.testing.assert_array_equal(y, cmp.y)  # threads change nothing
+
+
+@pytest.mark.parametrize("tile", [1, 3])
+def test_seven_by_seven_kernels_match_reference(tile):
+    case = dict(n=2, c=8, m=6, h=13, w=12, k=7, num_planes=14, bias=True, sparsity=2 / 3)
+    case.update(pads=(3, 3, 3, 3), relu=True, tile=tile)
+    x, w, bias, planes = _inputs(np.random.default_rng(70), case)
+    cmp = Comparison(x, w, planes, bias, pads=case["pads"], tile=tile, relu=True)
+    assert cmp.y.shape == cmp.y_ref.shape
+    assert cmp.agreement >= 0.9999, f"{cmp.codes_agreeing}/{cmp.codes_total} codes agree"
+    assert cmp.error <= 1e-4
+
+
+@pytest.mark.parametrize("tile, k", [(3, 3), (2, 3), (3, 5)])
+def test_a_nan_input_stays_nan_through_the_fused_relu(tile: int, k: int) -> None:
+    """Relu of NaN is NaN, as in the reference, on the 3x3 kernel and the generic one."""
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((2, 8, 12, 12)).astype(np.float32)
+    x[0, 2, 4, 4] = np.nan
+    w = rng.standard_normal((5, 8, k, k)).astype(np.float32)
+    p = tile + k - 1
+    planes = make_planes(14, p * p, 2 / 3, rng)
+    with np.errstate(invalid="ignore"):
+        cmp = Comparison(x, w, planes, pads=(k // 2,) * 4, tile=tile, relu=True)
+    assert np.isnan(cmp.y_ref).sum() == 5 * k * k  # every output that reads the NaN
+    np.testing.assert_array_equal(np.isnan(cmp.y), np.isnan(cmp.y_ref))
