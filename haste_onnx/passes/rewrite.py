@@ -197,7 +197,7 @@ def _sites(model: onnx.ModelProto) -> list[ConvSite]:
     names = {n.name for n in graph.node if n.name}  # an unnamed Conv's name must be new
     users: dict[str, list[onnx.NodeProto]] = {}
     for n in graph.node:
-        for input_name in set(n.input):
+        for input_name in set(ir.reads(n)):
             users.setdefault(input_name, []).append(n)
     sites = []
     for index, node in convs:
@@ -211,7 +211,7 @@ def _sites(model: onnx.ModelProto) -> list[ConvSite]:
         bias = value(node.input[2]) if has_bias else None
         name = node.name or ir.unique_name(names, f"Conv_{index}({node.output[0]})")
         shortcut = weight is not None and weight.shape[2:] == (1, 1)
-        shortcut = shortcut and _projection_shortcut(node, users)
+        shortcut = shortcut and _projection_shortcut(graph, node, users)
         sites.append(ConvSite(node, index, name, weight, bias, has_bias and bias is None, shortcut))
     return sites
 
@@ -219,14 +219,16 @@ def _sites(model: onnx.ModelProto) -> list[ConvSite]:
 _RESAMPLING = frozenset({"Resize", "Upsample", "MaxPool", "AveragePool", "GlobalAveragePool"})
 
 
-def _projection_shortcut(node: onnx.NodeProto, users: Mapping[str, list[onnx.NodeProto]]) -> bool:
+def _projection_shortcut(
+    graph: onnx.GraphProto, node: onnx.NodeProto, users: Mapping[str, list[onnx.NodeProto]]
+) -> bool:
     """Whether a 1x1 Conv's output (through a BatchNormalization) is added to a residual
     branch that starts from the same input: a ResNet shortcut, which the paper leaves alone.
     The branch is a short path of nodes that keep the map's size (an FPN's lateral 1x1 Conv,
     added to a map that came down the backbone and was upsampled, is not a shortcut)."""
     out = node.output[0]
-    if [u.op_type for u in users.get(out, [])] == ["BatchNormalization"]:
-        out = users[out][0].output[0]
+    if (bn := _sole_consumer(graph, out, "BatchNormalization")) is not None:
+        out = graph.node[bn].output[0]
     adds = {id(u) for u in users.get(out, []) if u.op_type in ("Add", "Sum")}
     frontier, seen = [node.input[0]] if adds else [], set()
     for _ in range(16):  # nodes on the branch, at most
