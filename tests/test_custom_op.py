@@ -627,20 +627,14 @@ def test_inputs_larger_than_one_chunk_match_conv_of_the_mean(tile: int) -> None:
 
 
 def _runtime_w_model(planes: np.ndarray, bias: np.ndarray, pads, tile: int) -> onnx.ModelProto:
-    node = make_node(
-        "X", "W", "planes", "Y", bias="B", kernel=3, pads=pads, tile=tile, activation="Relu"
-    )
-    graph = helper.make_graph(
-        [node],
-        "haste_conv_runtime_w",
-        [
-            helper.make_tensor_value_info("X", TensorProto.FLOAT, None),
-            helper.make_tensor_value_info("W", TensorProto.FLOAT, None),
-        ],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
-        initializer=[numpy_helper.from_array(planes, "planes"), numpy_helper.from_array(bias, "B")],
-    )
-    return _model(graph, DOMAIN)  # ir_version 10
+    """``haste_model`` with W a graph input instead of a constant."""
+    w = np.zeros((bias.size, 1, 3, 3), np.float32)  # only its kernel size is read
+    model = haste_model(w, planes, bias, pads=pads, tile=tile, activation="Relu")
+    constants = [t for t in model.graph.initializer if t.name != "W"]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(constants)
+    model.graph.input.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, None))
+    return model
 
 
 @pytest.mark.parametrize("tile", [3, 2])

@@ -11,7 +11,14 @@ from onnx.reference import ReferenceEvaluator
 from test_custom_op import haste_model
 
 from haste_onnx import datasets
-from haste_onnx.evaluate import Row, Run, _random_grouping_op, ablation, evaluate
+from haste_onnx.evaluate import (
+    Row,
+    Run,
+    _random_grouping_op,
+    ablation,
+    evaluate,
+    random_grouping_conv,
+)
 from haste_onnx.hashing import make_planes
 from haste_onnx.passes.rewrite import HasteOptions
 from haste_onnx.reference import haste_conv
@@ -51,10 +58,8 @@ def test_lsh_beats_random_grouping_at_the_same_ratio(fashion):
 
 def test_random_grouping_keeps_bucket_sizes():
     """With all-distinct buckets or a single bucket, random membership changes nothing, so the
-    ablation's operator must then equal HasteConv itself."""
-    from haste_onnx.evaluate import random_grouping_conv
-    from haste_onnx.hashing import make_planes
-
+    ablation's operator must then equal HasteConv itself: as a function, and as the node (its
+    bias and fused Relu) that the ablation runs through the ReferenceEvaluator."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 12, 9, 8)).astype(np.float32)
     w = rng.standard_normal((5, 12, 3, 3)).astype(np.float32)
@@ -62,8 +67,12 @@ def test_random_grouping_keeps_bucket_sizes():
     for num_planes in (0, 63):
         planes = make_planes(num_planes, 25, rng=1)
         expect = haste_conv(x, w, planes, b, pads=(1, 1, 1, 1), relu=True)
+        assert (expect == 0).any()  # the Relu clips
         got = random_grouping_conv(x, w, planes, b, (1, 1, 1, 1), 3, True, rng)
         np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
+        model = haste_model(w, planes, b, pads=(1, 1, 1, 1), activation="Relu")
+        evaluator = ReferenceEvaluator(model, new_ops=[_random_grouping_op(0)])
+        np.testing.assert_allclose(evaluator.run(None, {"X": x})[0], expect, rtol=1e-5, atol=1e-5)
     few = make_planes(2, 25, rng=1)  # real merges: random members must differ from LSH's
     assert not np.allclose(
         random_grouping_conv(x, w, few, b, (1, 1, 1, 1), 3, True, rng),
@@ -145,20 +154,3 @@ def test_std_over_seeds_has_ddof_0():
 
     assert Row(8, [run(0.5), run(0.7)]).accuracy == pytest.approx((0.6, 0.1))
     assert Row(8, [run(0.5)]).accuracy == (0.5, 0.0)
-
-
-@pytest.mark.parametrize("num_planes", [0, 63])
-def test_random_grouping_op_applies_bias_and_fused_relu(num_planes: int) -> None:
-    """The ablation runs HasteConv nodes through the ReferenceEvaluator with its own operator:
-    with one bucket per tile (no planes) or all distinct ones, random membership changes
-    nothing, so the node, its bias and its fused Relu must give exactly HasteConv's output."""
-    rng = np.random.default_rng(43)
-    x = rng.standard_normal((2, 12, 9, 8)).astype(np.float32)
-    w = rng.standard_normal((5, 12, 3, 3)).astype(np.float32)
-    b = rng.standard_normal(5).astype(np.float32)
-    planes = make_planes(num_planes, 25, rng=1)
-    model = haste_model(w, planes, b, pads=(1, 1, 1, 1), activation="Relu")
-    (got,) = ReferenceEvaluator(model, new_ops=[_random_grouping_op(0)]).run(None, {"X": x})
-    want = haste_conv(x, w, planes, b, pads=(1, 1, 1, 1), relu=True)
-    assert (want == 0).any()  # the Relu clips
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
