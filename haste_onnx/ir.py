@@ -18,7 +18,7 @@ from onnx import numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, set_external_data
 
 from haste_onnx.errors import InputError
-from haste_onnx.staging import Staging, check_writable, real
+from haste_onnx.staging import Staging, check_writable, real, scratch_directory
 
 PROTOBUF_LIMIT = 2**31 - 1
 """Models whose serialized size would exceed this must keep their tensors as external data."""
@@ -150,20 +150,22 @@ def session_source(model: onnx.ModelProto) -> bytes | str:
     with external data in a temporary directory that lives as long as the process."""
     if not too_large(model):
         return model.SerializeToString()
-    directory = tempfile.mkdtemp(prefix="haste-onnx-session-")
-    _SESSION_DIRS.append(directory)
-    path = Path(directory) / "model.onnx"
+    directory, lock = scratch_directory(Path(tempfile.gettempdir()), "haste-onnx-session-")
+    _SESSION_DIRS.append((directory, lock))
+    path = directory / "model.onnx"
     _save(model, path, "model.onnx.data")
     return str(path)
 
 
-_SESSION_DIRS: list[str] = []
+_SESSION_DIRS: list[tuple[Path, int | None]] = []
 
 
 @atexit.register
 def _remove_session_dirs() -> None:
-    for directory in _SESSION_DIRS:
+    for directory, lock in _SESSION_DIRS:
         shutil.rmtree(directory, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
 
 
 def initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:

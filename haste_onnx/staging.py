@@ -15,11 +15,21 @@ import signal
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
 from haste_onnx.errors import InputError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: directories of killed runs stay
+    fcntl = None  # type: ignore[assignment]
+
+# How old an unlocked directory of a run must be to count as abandoned: a new one is unlocked
+# only between its creation and its lock, and one made by a run without locks only while it ran.
+_ABANDONED_AFTER = 600.0  # seconds
 
 
 def check_writable(path: Path, what: str = "output") -> None:
@@ -59,9 +69,56 @@ def real_destination(path: Path) -> Path:
     return real(path.parent) / path.name
 
 
+def scratch_directory(folder: Path, prefix: str) -> tuple[Path, int | None]:
+    """A new directory in ``folder`` for one run's files, and the descriptor that holds a lock
+    on it (flock) until it is closed or the process ends, however it ends. A run killed outright
+    (SIGKILL, an out-of-memory kill, a CI job's timeout) cannot remove its directory; so this
+    first removes every ``prefix`` directory in ``folder`` that no process holds and that is
+    older than ten minutes. Where there is no flock (another OS, some network file systems),
+    nothing is removed."""
+    for entry in _entries(folder, prefix):
+        try:
+            if time.time() - entry.stat(follow_symlinks=False).st_mtime < _ABANDONED_AFTER:
+                continue
+            lock = _lock(entry.path)
+        except OSError:
+            continue
+        if lock is not None:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            os.close(lock)
+    directory = tempfile.mkdtemp(dir=folder, prefix=prefix)
+    return Path(directory), _lock(directory)
+
+
+def _entries(folder: Path, prefix: str) -> list[os.DirEntry[str]]:
+    """The directories (not links to one) in ``folder`` whose names start with ``prefix``."""
+    try:
+        with os.scandir(folder) as entries:
+            return [
+                e for e in entries if e.name.startswith(prefix) and e.is_dir(follow_symlinks=False)
+            ]
+    except OSError:
+        return []
+
+
+def _lock(directory: str) -> int | None:
+    """An open descriptor of ``directory`` holding its exclusive lock, or None when another
+    process holds it or the file system has no such locks."""
+    if fcntl is None:
+        return None
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(descriptor)
+        return None
+    return descriptor
+
+
 class Staging:
     def __init__(self) -> None:
         self._directories: list[Path] = []
+        self._locks: list[int] = []
         self._moves: list[tuple[Path, Path]] = []
         self._actions: list[Callable[[], object]] = []
 
@@ -76,6 +133,9 @@ class Staging:
     ) -> None:
         for directory in self._directories:
             shutil.rmtree(directory, ignore_errors=True)
+        for lock in self._locks:
+            os.close(lock)
+        self._locks.clear()
 
     def write(self, destination: Path, writer: Callable[[Path], object]) -> list[Path]:
         """Call ``writer`` with the path to write ``destination`` to; any other files it writes
@@ -83,8 +143,10 @@ class Staging:
         staged, ``destination`` first."""
         folder = destination.parent
         try:
-            directory = Path(tempfile.mkdtemp(dir=folder, prefix=".haste-onnx-"))
+            directory, lock = scratch_directory(folder, ".haste-onnx-")
             self._directories.append(directory)
+            if lock is not None:
+                self._locks.append(lock)
             writer(directory / destination.name)
         except OSError as exc:
             raise InputError(f"cannot write {destination}: {exc.strerror or exc}") from None

@@ -632,6 +632,42 @@ def test_a_signal_during_the_moves_takes_effect_once_all_are_moved(tmp_path, mon
     assert sorted(tmp_path.iterdir()) == files
 
 
+KILLED_WHILE_WRITING = """
+import os, signal, sys
+from pathlib import Path
+from haste_onnx import staging
+
+def write(path):
+    path.write_text("half")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+staging.Staging().write(Path(sys.argv[1]) / "model.onnx", write)
+"""
+
+
+def test_the_directory_of_a_run_killed_outright_goes_with_the_next_run(example, tmp_path):
+    """SIGKILL leaves no time to clean up: the next run in the folder removes what is left,
+    but not the directory of a run still under way, nor a new one."""
+    out = tmp_path / "out"
+    out.mkdir()
+    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_WRITING, out])
+    assert killed.returncode == -signal.SIGKILL
+    [left] = out.glob(".haste-onnx-*")
+    assert (left / "model.onnx").read_text() == "half"
+    young = out / ".haste-onnx-young"
+    young.mkdir()
+    with staging.Staging() as running:
+        running.write(out / "report.json", lambda path: path.write_text("{}"))
+        [held] = set(out.glob(".haste-onnx-*")) - {left, young}
+        an_hour_ago = time.time() - 3600
+        for directory in (left, held):
+            os.utime(directory, (an_hour_ago, an_hour_ago))
+        code, _, err = run("convert", example, "-o", out / "model.onnx", "-q")
+        assert code == 0, err
+        assert sorted(out.glob(".haste-onnx-*")) == sorted([held, young])
+    assert sorted(out.iterdir()) == [young, out / "model.onnx"]
+
+
 def test_devices_and_pipes_are_refused_not_replaced(example, tmp_path):
     """A file is written beside its destination and renamed over it: over a device or a pipe
     that would replace it (as root, even /dev/null), not write to it."""

@@ -1,6 +1,9 @@
 """End-to-end conversion through the Python API."""
 
+import os
 import stat
+import tempfile
+import time
 from pathlib import Path
 
 import graphs
@@ -417,12 +420,22 @@ def test_onnx_light_model_zoo_topologies(tmp_path, name):
 
 def test_models_past_the_protobuf_limit_go_through_files(tmp_path, monkeypatch):
     """The 2 GB path, exercised by lowering the limit: sessions load from a file with external
-    data and the output is saved with external data, even for an input without it."""
+    data and the output is saved with external data, even for an input without it. Those
+    files live in a temporary directory as long as the process; one left by a process killed
+    outright goes with the next run."""
     from haste_onnx import ir
 
     monkeypatch.setattr(ir, "PROTOBUF_LIMIT", 100_000)  # the example is ~550 kB
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    killed = tmp_path / "tmp" / "haste-onnx-session-killed"
+    killed.mkdir(parents=True)
+    an_hour_ago = time.time() - 3600
+    os.utime(killed, (an_hour_ago, an_hour_ago))
     result = convert(EXAMPLE, tmp_path / "big.onnx")
     assert result.passed
+    assert not killed.exists()
+    sessions = list((tmp_path / "tmp").iterdir())
+    assert sessions and all((d / "model.onnx.data").is_file() for d in sessions)
     assert result.written == [tmp_path / "big.onnx", tmp_path / "big.onnx.data"]
     assert (tmp_path / "big.onnx").stat().st_size < 100_000
     x = np.ones((1, 3, 32, 32), np.float32)
