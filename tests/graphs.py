@@ -52,7 +52,8 @@ class Net:
         inputs = [x, self.const(w, f"{name}.w")]
         if bias:
             inputs.append(self.const(self.rng.normal(0, 0.1, m), f"{name}.b"))
-        attrs.setdefault("pads", [k // 2] * 4)
+        if "auto_pad" not in attrs:
+            attrs.setdefault("pads", [k // 2] * 4)
         self.nodes.append(
             helper.make_node(
                 "Conv",
@@ -157,6 +158,14 @@ def vgg_like(seed: int = 1) -> onnx.ModelProto:
         h = n.op("Relu", n.bn(n.conv(h, c, int(m), name=f"features.{i}"), int(m)))
         c = int(m)
     return n.model(n.head(h, c), ["N", 10])
+
+
+def auto_padded(seed: int = 15) -> onnx.ModelProto:
+    """Padding by auto_pad, as TensorFlow exporters write it: SAME_UPPER, SAME_LOWER, VALID."""
+    n = Net(seed, channels=8, size=12)
+    h = n.op("Relu", n.conv("x", 8, 16, k=5, name="same_upper", auto_pad="SAME_UPPER"))
+    h = n.op("Relu", n.conv(h, 16, 16, name="same_lower", auto_pad="SAME_LOWER"))
+    return n.model(n.conv(h, 16, 8, name="valid", auto_pad="VALID"), ["N", 8, 10, 10])
 
 
 def depthwise(seed: int = 2) -> onnx.ModelProto:

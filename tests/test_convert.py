@@ -172,6 +172,14 @@ def test_vgg_like_converts_every_conv_after_the_stem(tmp_path):
     assert [p.name for p in result.layers] == ["features.1", "features.3", "features.4"]
 
 
+def test_auto_pad_becomes_explicit_pads(tmp_path):
+    result = convert(save(graphs.auto_padded(), tmp_path), tmp_path / "out.onnx")
+    assert result.passed, result.verification.failures
+    nodes = onnx.load(tmp_path / "out.onnx").graph.node
+    pads = {n.name: helper.get_node_attr_value(n, "pads") for n in nodes}
+    assert pads == {"same_upper": [2] * 4, "same_lower": [1] * 4, "valid": [0] * 4}
+
+
 def test_depthwise_conv_is_skipped_with_its_group(tmp_path):
     result = convert(save(graphs.depthwise(), tmp_path), tmp_path / "out.onnx")
     assert by_name(result, "dw").reason == "group 16 (grouped or depthwise convolution)"
