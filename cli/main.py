@@ -6,6 +6,7 @@ kept no layer), 130 interrupted, 141 the reader of the output went away.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -257,7 +258,8 @@ _tolerance_options = _stack(
         "--min-top1",
         type=_Bound(0.0, 1.0),
         default=None,
-        help="Least top-1 agreement for [N, classes] outputs (off by default).",
+        help="Least top-1 agreement for [N, classes] outputs, and share of equal labels for "
+        "integer outputs (off by default).",
     ),
 )
 
@@ -278,6 +280,8 @@ class _Console:
 
     def __init__(self, quiet: bool, json_path: Path | None) -> None:
         self.quiet = quiet
+        if quiet:  # matplotlib's warnings too (EPS has no transparency, ...)
+            logging.getLogger("matplotlib").setLevel(logging.ERROR)
         self.beside_json = json_path == Path("-")  # the JSON goes to stdout, the text to stderr
 
     def echo(self, text: str = "") -> None:
@@ -444,7 +448,8 @@ def _fidelity_lines(verification: Verification) -> list[str]:
         )
     worst = max((layer.kernel_mismatch for layer in verification.layers), default=0.0)
     lines.append(
-        f"C++ kernel vs numpy reference: {len(verification.layers)} layers, "
+        f"C++ kernel vs numpy reference: {len(verification.layers)} "
+        f"layer{'s' if len(verification.layers) != 1 else ''}, "
         f"worst mismatch {worst:.4%} of outputs"
     )
     return lines

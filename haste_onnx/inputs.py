@@ -176,9 +176,9 @@ def user_feeds(
         )
         if len(inputs) != 1:
             raise InputError(f"an image folder can feed a one-input model; this one has {names}")
-        shape = resolve_shape(inputs[0], 1, dims or {})
+        images = _load_images(path, resolve_shape(inputs[0], 1, dims or {}))
         try:
-            arrays = {names[0]: datasets.normalize(_load_images(path, shape), mean, std)}
+            arrays = {names[0]: datasets.normalize(images, mean, std)}
         except ValueError as exc:  # the mean or std: not finite, or not one per channel
             raise InputError(f"--mean/--std: {exc}") from None
     elif path.suffix in (".npy", ".npz"):

@@ -304,6 +304,19 @@ def reads(node: onnx.NodeProto) -> list[str]:
     return names
 
 
+def tensor_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name that ``graph`` and its subgraphs declare, define or read: a new
+    tensor's name must be none of them."""
+    names = {v.name for v in (*graph.input, *graph.output, *graph.value_info)}
+    names |= {t.name for t in graph.initializer}
+    names |= {s.values.name for s in graph.sparse_initializer}
+    for node in graph.node:
+        names |= {*node.input, *node.output}
+        for inner in subgraphs(node):
+            names |= tensor_names(inner)
+    return names
+
+
 def nested_op_types(graph: onnx.GraphProto) -> set[str]:
     """The op types of the nodes inside the subgraphs of ``graph``'s nodes, at any depth."""
     types: set[str] = set()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,9 +263,13 @@ def pyplot() -> Any:
 def plot_formats() -> list[str]:
     """The file name extensions matplotlib draws to; InputError if it is not installed."""
     pyplot()
+    import matplotlib
     from matplotlib.backend_bases import FigureCanvasBase
 
-    return sorted(FigureCanvasBase.get_supported_filetypes())
+    formats = dict(FigureCanvasBase.get_supported_filetypes())  # a copy: this is the class's
+    if shutil.which(matplotlib.rcParams["pgf.texsystem"]) is None:  # PGF is drawn by LaTeX
+        formats.pop("pgf", None)
+    return sorted(formats)
 
 
 def save_figure(figure: Any, path: str | Path, staging: Staging | None = None) -> None:

@@ -54,7 +54,9 @@ class OutputFidelity:
     max_abs: float
     rel_l2: float
     cosine: float
-    top1: float | None  # share of rows whose argmax agrees, for [N, classes] outputs
+    # share of rows whose argmax agrees, for [N, classes] float outputs; of equal values for
+    # integer and bool outputs (labels, as an ArgMax gives them)
+    top1: float | None
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,9 @@ def compare(name: str, reference: np.ndarray, actual: np.ndarray) -> OutputFidel
     diff = np.abs(a - b)
     norm_a, norm_b = np.linalg.norm(a), np.linalg.norm(b)
     top1 = None
-    if reference.ndim == 2 and reference.shape[1] > 1:
+    if not np.issubdtype(reference.dtype, np.floating):
+        top1 = float(np.mean(reference == actual)) if reference.size else 1.0
+    elif reference.ndim == 2 and reference.shape[1] > 1:
         top1 = float(np.mean(reference.argmax(axis=1) == actual.argmax(axis=1)))
     return OutputFidelity(
         name=name,
@@ -210,5 +214,5 @@ def verify(
                 f"layer {layer.name!r}: the C++ kernel and the numpy reference disagree on "
                 f"{layer.kernel_mismatch:.3%} of outputs (allowed {tol.max_kernel_mismatch:.3%})"
             )
-    batch = next(iter(feeds.values())).shape[0] if feeds else 0
+    batch = next((array.shape[0] for array in feeds.values() if array.ndim), 0)
     return Verification(inputs_description, int(batch), outputs, layers, failures)

@@ -168,6 +168,31 @@ def auto_padded(seed: int = 15) -> onnx.ModelProto:
     return n.model(n.conv(h, 16, 8, name="valid", auto_pad="VALID"), ["N", 8, 10, 10])
 
 
+def odd_neighbours(seed: int = 16) -> onnx.ModelProto:
+    """A scalar graph input listed first; a graph input named as the converter would name the
+    Conv's new weight; an opset-7 BatchNormalization with ``spatial=0`` (one value per channel
+    and position, which does not fold into the Conv's filters)."""
+    n = Net(seed, channels=8, size=6)
+    n.input_shape = [2, 8, 6, 6]
+    h = n.conv(n.op("Mul", "x", "scale"), 8, 8, name="c")
+    params = [n.rng.uniform(0.5, 1.5, (8, 6, 6)), n.rng.normal(0, 0.2, (8, 6, 6))]
+    params += [n.rng.normal(0, 0.2, (8, 6, 6)), n.rng.uniform(0.5, 2.0, (8, 6, 6))]
+    h = n.op("BatchNormalization", h, *map(n.const, params), spatial=0)
+    out = n.op("Add", h, "c.haste.weight")
+    inputs = [("scale", []), ("x", n.input_shape), ("c.haste.weight", n.input_shape)]
+    graph = helper.make_graph(
+        n.nodes,
+        "test",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, s) for name, s in inputs],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, n.input_shape)],
+        n.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7)])
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
 def depthwise(seed: int = 2) -> onnx.ModelProto:
     """A 3x3 conv, a depthwise 3x3 conv and a pointwise 1x1 conv."""
     n = Net(seed)

@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 from haste_onnx.cli.main import main
 
-from haste_onnx import cli, inputs, pipeline, staging
+from haste_onnx import cli, inputs, pipeline, report, staging
 from haste_onnx.errors import InputError
 from haste_onnx.inputs import user_feeds
 
@@ -49,6 +49,10 @@ def test_convert_prints_report_and_writes_next_to_the_model(example, tmp_path):
     # FLOPs saved are not time saved: the last line says so, and where to look
     assert "fewer FLOPs is not less time" in proc.stdout.splitlines()[-1]
     assert "--only-faster" in proc.stdout.splitlines()[-1]
+    assert "C++ kernel vs numpy reference: 4 layers," in proc.stdout
+    excluded = [a for name in ("layer1", "block.conv1", "block.conv2") for a in ("--exclude", name)]
+    code, out, err = run("convert", example, "-o", tmp_path / "one.onnx", *excluded)
+    assert code == 0 and "C++ kernel vs numpy reference: 1 layer," in out, err
 
 
 def test_json_to_stdout_is_the_documented_schema(example, tmp_path):
@@ -159,6 +163,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
     np.save(tmp_path / "empty.npy", np.zeros((0, 3, 32, 32), np.float32))
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "a.png").write_text("not a PNG")
+    (tmp_path / "no images").mkdir()
     (tmp_path / "zero.npy").write_bytes(b"")
     (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04garbage")
     broken = onnx.load(EXAMPLE)
@@ -202,6 +207,10 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
         "corrupt image": (
             [tmp_path / "ok.onnx", "--inputs", tmp_path / "images"],
             "cannot read image",
+        ),
+        "empty image folder": (
+            [tmp_path / "ok.onnx", "--inputs", tmp_path / "no images", "--mean", "128"],
+            "error: no images (",  # not blamed on --mean
         ),
         "mean without images": (
             [tmp_path / "ok.onnx", "--mean", "128"],
@@ -316,6 +325,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
         "nan inputs",
         "empty inputs",
         "corrupt image",
+        "empty image folder",
         "bad L",
         "bad s",
         "bad fraction s",
@@ -427,6 +437,20 @@ def test_plot_without_matplotlib_fails_before_any_work(example, tmp_path, monkey
     code, out, err = run("convert", example, "--plot", tmp_path / "p.png")
     assert code == 2 and "--plot needs matplotlib" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["example.onnx"]
+
+
+def test_plot_formats_are_those_matplotlib_can_draw_here(example, tmp_path, monkeypatch):
+    """PGF is drawn by LaTeX: without it, refused before any work. EPS draws no transparency;
+    matplotlib's warning about that is no error, and -q prints errors only."""
+    monkeypatch.setattr(report.shutil, "which", lambda _name: None)
+    code, _, err = run("convert", example, "--plot", tmp_path / "p.pgf")
+    assert code == 2 and "--plot " + str(tmp_path / "p.pgf") + ": name a .png file" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["example.onnx"]
+    monkeypatch.setattr(report.shutil, "which", lambda name: "/usr/bin/" + name)
+    assert "pgf" in report.plot_formats()
+    code, out, err = run("convert", example, "--plot", tmp_path / "p.eps", "-q")
+    assert (code, out, err) == (0, "", "")
+    assert (tmp_path / "p.eps").read_bytes().startswith(b"%!PS-Adobe")
 
 
 def test_interrupt_exits_130_with_one_line(example, monkeypatch):

@@ -180,6 +180,18 @@ def test_auto_pad_becomes_explicit_pads(tmp_path):
     assert pads == {"same_upper": [2] * 4, "same_lower": [1] * 4, "valid": [0] * 4}
 
 
+def test_a_conv_among_odd_neighbours_is_converted_and_the_model_kept_whole(tmp_path):
+    """A scalar first input, a graph input with the name the new weight would take, and a
+    BatchNormalization that does not fold (it is left as it is)."""
+    result = convert(save(graphs.odd_neighbours(), tmp_path), tmp_path / "out.onnx")
+    assert result.passed, result.verification.failures
+    assert result.verification.batch == 2  # x's: the scalar has none
+    assert [(p.name, p.fused_batchnorm) for p in result.layers] == [("c", False)]
+    graph = onnx.load(tmp_path / "out.onnx").graph
+    assert [n.op_type for n in graph.node] == ["Mul", "HasteConv", "BatchNormalization", "Add"]
+    assert not {i.name for i in graph.input} & {t.name for t in graph.initializer}
+
+
 def test_depthwise_conv_is_skipped_with_its_group(tmp_path):
     result = convert(save(graphs.depthwise(), tmp_path), tmp_path / "out.onnx")
     assert by_name(result, "dw").reason == "group 16 (grouped or depthwise convolution)"
@@ -545,7 +557,7 @@ def example_result(tmp_path_factory):
     return convert(EXAMPLE, out, write=False)
 
 
-def test_top1_only_for_classification_outputs():
+def test_top1_only_for_classification_outputs_and_labels():
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((8, 10))
     flipped = logits.copy()
@@ -555,6 +567,11 @@ def test_top1_only_for_classification_outputs():
     assert compare("features", maps, maps[:, ::-1]).top1 is None  # [N, C, H, W]: no classes
     single = rng.standard_normal((4, 1))
     assert compare("score", single, -single).top1 is None  # [N, 1]: a score, not classes
+    labels = maps.argmax(axis=1)  # [N, H, W] labels, as a segmentation model's ArgMax gives
+    other = labels.copy()
+    other[0, 0, :3] += 1
+    assert compare("labels", labels, other).top1 == pytest.approx(1 - 3 / 32)
+    assert compare("mask", labels > 5, other > 5).top1 == np.mean((labels > 5) == (other > 5))
 
 
 def test_unchanged_flops_are_the_skipped_convs_and_the_gemm(example_result):

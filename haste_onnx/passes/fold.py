@@ -39,10 +39,11 @@ def fold_batchnorm(
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Fold inference-mode BatchNormalization ``bn`` into a Conv's weight and bias (exact).
 
-    Returns None when a BN parameter is not constant.
+    Returns None when a BN parameter is not constant or not one value per output channel (an
+    opset-7 BN with ``spatial=0`` has one per position).
     """
     params = [ir.constant_value(graph, name) for name in bn.input[1:5]]
-    if any(p is None for p in params):
+    if any(p is None or p.shape != weight.shape[:1] for p in params):
         return None
     scale, shift, mean, var = (np.asarray(p, dtype=np.float64) for p in params)  # type: ignore[arg-type]
     eps = float(ir.attribute(bn, "epsilon", 1e-5))  # type: ignore[arg-type]

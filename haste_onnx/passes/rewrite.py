@@ -323,7 +323,7 @@ def rewrite(
     sites, decisions = decide(model, options)
     out = copy.deepcopy(model)
     graph = out.graph
-    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    taken = ir.tensor_names(graph)
     drop: set[int] = set()
     plans = []
     made: dict[bytes, str] = {}  # the digest of each array made an initializer, and its name
