@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import graphs
@@ -103,6 +104,21 @@ def test_fidelity_failure_exits_1_and_writes_the_report_not_the_model(example, t
     assert doc["passed"] is False and doc["output"] == []
     code, _, err = run("convert", example, "--min-cosine", "0.9999999", "--force", "-q")
     assert code == 1 and (tmp_path / "example.haste.onnx").exists()
+
+
+def test_inputs_the_original_overflows_on_are_named_as_the_cause(example, tmp_path):
+    """Past float32's range the original gives infinities: that is the failure, not a kernel
+    that disagrees with the reference where both overflow the same way, nor numpy warnings."""
+    np.save(tmp_path / "huge.npy", np.full((1, 3, 32, 32), 3e38, np.float32))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, _, err = run("convert", example, "--inputs", tmp_path / "huge.npy", "-q")
+    assert code == 1 and not caught
+    assert err.startswith(
+        "error: fidelity check failed: the original model's output 'logits' has NaN or "
+        "infinite values on these inputs"
+    )
+    assert "disagree" not in err and len(err.splitlines()) == 1
 
 
 def test_inspect_lists_convs_without_converting(example, tmp_path):
