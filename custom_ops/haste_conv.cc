@@ -896,25 +896,22 @@ int64_t GroupCodes(const uint64_t* codes, int64_t channels,
 }
 
 // merged [D] = the mean of the patches [C, D] of `size` channels; D = kDim, or dim when kDim is 0.
-// merged may be the first channel's patch.
+// merged may be the first channel's patch. Each patch is scaled before it is added, so that the
+// sum stays within float32's range wherever the mean does (values near FLT_MAX).
 template <int64_t kDim>
 void MeanOfPatches(const float* patch, const int32_t* channel, int64_t size, float* merged,
                    int64_t dim = kDim) {
   if constexpr (kDim > 0) dim = kDim;
+  const float scale = 1.0f / static_cast<float>(size);
   const float* first = patch + channel[0] * dim;
   float sum[kDim > 0 ? kDim : 1];
   float* acc = kDim > 0 ? sum : merged;
-  if constexpr (kDim > 0) {
-    std::memcpy(sum, first, sizeof(sum));  // a fixed size: inlined, not a call to memmove
-  } else if (acc != first) {
-    std::copy(first, first + dim, acc);
-  }
+  for (int64_t j = 0; j < dim; ++j) acc[j] = first[j] * scale;
   for (int64_t i = 1; i < size; ++i) {
     const float* more = patch + channel[i] * dim;
-    for (int64_t j = 0; j < dim; ++j) acc[j] += more[j];
+    for (int64_t j = 0; j < dim; ++j) acc[j] += more[j] * scale;
   }
-  const float scale = 1.0f / static_cast<float>(size);
-  for (int64_t j = 0; j < dim; ++j) merged[j] = acc[j] * scale;
+  if constexpr (kDim > 0) std::memcpy(merged, sum, sizeof(sum));  // a fixed size: inlined
 }
 
 // Scratch of one thread, reused by its work items so that they do not allocate.

@@ -377,6 +377,20 @@ def test_non_finite_inputs_agree_with_reference_and_conv(values: dict) -> None:
     assert relative_l2(cmp.y[finite], cmp.y_ref[finite]) <= 1e-5
 
 
+@pytest.mark.parametrize("tile", [2, 3])  # the generic kernel's inputs, and the 3x3 kernel's
+def test_a_bucket_of_channels_near_the_float32_limit_has_a_finite_mean(tile: int) -> None:
+    """16 channels of 1e38 in one bucket (L = 0): their sum is beyond float32, their mean and
+    the outputs (as Conv's) are not."""
+    x = np.full((1, 16, 6, 6), 1e38, np.float32)
+    x[0, :, 2, 3] = -2e38
+    w = np.full((2, 16, 3, 3), 1e-3, np.float32)
+    planes = np.zeros((0, (tile + 2) ** 2), np.float32)
+    y = run(haste_model(w, planes, pads=(1, 1, 1, 1), tile=tile), x)
+    expected = haste_conv(x, w, planes, pads=(1, 1, 1, 1), tile=tile)
+    assert np.isfinite(expected).all() and np.isfinite(run(conv_model(w, (1, 1, 1, 1)), x)).all()
+    np.testing.assert_allclose(y, expected, rtol=1e-5)
+
+
 # --- threads ----------------------------------------------------------------------------------
 
 
