@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -165,6 +166,8 @@ def build(
 
 def _round(value: object) -> object:
     if isinstance(value, float):
+        if not math.isfinite(value):
+            return None  # JSON has no NaN nor infinity (an output that overflows)
         if value.is_integer() and abs(value) < 2**53:
             return int(value)  # FLOPs counts stay exact
         return float(f"{value:.6g}")
@@ -203,7 +206,7 @@ def flops_json(report: FlopsReport) -> dict[str, object]:
 
 
 def dumps(document: dict[str, object]) -> str:
-    return json.dumps(_round({"schema": SCHEMA, **document}), indent=2)
+    return json.dumps(_round({"schema": SCHEMA, **document}), indent=2, allow_nan=False)
 
 
 def _human(value: float) -> str:

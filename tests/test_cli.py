@@ -119,6 +119,9 @@ def test_inputs_the_original_overflows_on_are_named_as_the_cause(example, tmp_pa
         "infinite values on these inputs"
     )
     assert "disagree" not in err and len(err.splitlines()) == 1
+    code, out, _ = run("convert", example, "--inputs", tmp_path / "huge.npy", "--json", "-")
+    fidelity = json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    assert code == 1 and fidelity["fidelity"][0]["max_abs"] is None
 
 
 def test_inspect_lists_convs_without_converting(example, tmp_path):
