@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from haste_onnx import ir
+from haste_onnx.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,11 @@ def node_flops(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> float | No
         w, y = shapes.get(node.input[1]), shapes.get(node.output[0])
         if w is None or y is None or len(y) < 3:
             return None
+        if min(y[2:]) <= 0:  # shape inference's word for a padded input smaller than the kernel
+            raise InputError(
+                f"Conv {node.name!r} cannot run at these input sizes: its output would be "
+                f"{'x'.join(map(str, y[2:]))} (a padded input smaller than its kernel)"
+            )
         spatial = int(np.prod(y[2:]))
         return y[0] * 2.0 * spatial * int(np.prod(w[2:])) * w[1] * w[0]
     if node.op_type == "Gemm":

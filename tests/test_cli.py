@@ -132,6 +132,20 @@ def test_inspect_lists_convs_without_converting(example, tmp_path):
     assert not (tmp_path / "example.haste.onnx").exists()
 
 
+def test_inspect_refuses_input_sizes_the_model_cannot_run_at(tmp_path):
+    """A 3x3 Conv without padding on a 2x2 input: shape inference gives its output 0x0, and
+    -1x-1 on 1x1."""
+    model = graphs.input_smaller_than_kernel()
+    for dim, name in zip(model.graph.input[0].type.tensor_type.shape.dim[2:], "hw"):
+        dim.dim_param = name
+    onnx.save(model, tmp_path / "small.onnx")
+    for size, output in ((2, "0x0"), (1, "-1x-1")):
+        sizes = ["--dim", f"h={size}", "--dim", f"w={size}"]
+        code, out, err = run("inspect", tmp_path / "small.onnx", *sizes)
+        assert code == 2 and out == ""
+        assert f"Conv 'conv' cannot run at these input sizes: its output would be {output}" in err
+
+
 def test_inspect_says_when_a_weight_is_computed_at_run_time(tmp_path):
     onnx.save(graphs.runtime_weight(), tmp_path / "dynamic.onnx")
     code, out, err = run("inspect", tmp_path / "dynamic.onnx")
