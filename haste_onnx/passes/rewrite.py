@@ -40,6 +40,15 @@ class HasteOptions:
     layer_planes: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in ("include", "exclude"):
+            if isinstance(getattr(self, name), str):
+                raise InputError(f"{name} takes a sequence of Conv names, not one string")
+        for name in ("tile", "seed", "min_channels", "skip_first"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer):
+                raise InputError(f"{name} = {value!r} must be an integer")
+        if self.seed < 0:
+            raise InputError(f"seed = {self.seed} must be >= 0")
         for name, value in {"L": self.num_planes, **self.layer_planes}.items():
             try:
                 check_num_planes(value)
@@ -251,7 +260,7 @@ def _check_names(sites: list[ConvSite], options: HasteOptions) -> None:
     for option, names in (
         ("include", options.include),
         ("exclude", options.exclude),
-        ("layer L", tuple(options.layer_planes)),
+        ("layer planes", tuple(options.layer_planes)),
     ):
         unknown = sorted(set(names) - known)
         if unknown:
