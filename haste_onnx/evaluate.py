@@ -330,8 +330,18 @@ def evaluate(
     options = options or HasteOptions()
     for num_planes in planes:  # before the sweep, not when it reaches a bad L
         check_num_planes(num_planes)
+    if twice := sorted({n for n in planes if list(planes).count(n) > 1}):
+        raise ValueError(f"L = {', '.join(map(str, twice))} given twice")
     if len(images) == 0:
         raise ValueError("no images to evaluate on")
+    if len(labels) != len(images):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    if not seeds:
+        raise ValueError("no seeds: give at least one")
+    if stats_images < 1 or ablation_images < 0:
+        raise ValueError(
+            f"stats_images = {stats_images} must be >= 1, ablation_images = {ablation_images} >= 0"
+        )
     if not np.isfinite(images).all():
         raise ValueError("the images have NaN or infinite values")
     name = _single_input(model, images)

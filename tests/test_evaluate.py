@@ -134,18 +134,31 @@ def test_a_model_with_a_fixed_batch_runs_in_batches_of_its_size(fashion):
         ("no images", "no images to evaluate on"),
         ("nan images", "NaN or infinite"),
         ("no eligible conv", "no Conv of the model is eligible"),
+        ("labels short", "4 images but 3 labels"),
+        ("an L twice", "L = 14 given twice"),
+        ("no seeds", "no seeds"),
+        ("no stats images", "stats_images = 0 must be >= 1"),
+        ("negative ablation", "ablation_images = -1 >= 0"),
     ],
 )
 def test_evaluation_that_could_only_mislead_is_refused(fashion, case, message):
     model, images, labels = fashion
     images, labels = images[:4].copy(), labels[:4]
     options = HasteOptions(min_channels=100000) if case == "no eligible conv" else None
+    sweep = {"planes": (14,)} | {
+        "no seeds": {"seeds": ()},
+        "no stats images": {"stats_images": 0},
+        "negative ablation": {"ablation_images": -1},
+        "an L twice": {"planes": (14, 8, 14)},
+    }.get(case, {})
     if case == "no images":
         images, labels = images[:0], labels[:0]
     if case == "nan images":
         images[1, 0, 3, 3] = np.nan
+    if case == "labels short":
+        labels = labels[:3]
     with pytest.raises(ValueError, match=message):
-        evaluate(model, images, labels, "fashion", planes=(14,), options=options)
+        evaluate(model, images, labels, "fashion", options=options, **sweep)
 
 
 def test_std_over_seeds_has_ddof_0():
