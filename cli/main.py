@@ -757,18 +757,19 @@ def evaluate(
 ) -> None:
     """Top-1 accuracy and FLOPs reduction of MODEL over a sweep of L (paper Table 4)."""
     console = _start(kw, plot, (model,), () if data in DATA_SETS else (Path(data),))
+    original = api.load_original(model)
     if data in DATA_SETS:
         title, loader = DATA_SETS[data]
         images, labels = loader()
     else:
         title = str(data)
-        images, labels = datasets.load_dataset(data)
+        images, labels = datasets.load_dataset(data, **evaluation.image_format(original))
     if limit is not None and limit < len(images):
         images, labels = images[:limit], labels[:limit]
         title = f"the first {limit} images of the {title}"
     images = datasets.normalize(images, mean, std)
     result = evaluation.evaluate(
-        api.load_original(model),
+        original,
         images,
         labels,
         f"{model.name} on {title}",

@@ -412,8 +412,11 @@ def load_dataset(
     split: str = "test",
     prefix: str | None = None,
     limit: int | None = None,
+    mode: str | None = None,
+    size: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Load ``path`` by its kind: an ``.npz`` file, a folder of idx files, or an image folder."""
+    """Load ``path`` by its kind: an ``.npz`` file, a folder of idx files, or an image folder
+    (read with ``mode`` and ``size``, as :func:`load_image_folder`)."""
     p = Path(path)
     if p.is_file():
         if p.suffix.lower() == ".npz":
@@ -423,7 +426,7 @@ def load_dataset(
         raise ValueError(f"data set not found: {p}")
     if any(re.search(r"idx\d-ubyte", c.name) for c in p.iterdir()):
         return load_idx_dir(p, split=split, limit=limit)
-    return load_image_folder(p, prefix=prefix, limit=limit)
+    return load_image_folder(p, prefix=prefix, mode=mode, size=size, limit=limit)
 
 
 # --------------------------------------------------------------------------------------------

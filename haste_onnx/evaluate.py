@@ -13,6 +13,7 @@ import dataclasses
 import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -108,6 +109,21 @@ def _check_classes(logits: np.ndarray, labels: np.ndarray) -> None:
             f"the labels run from {labels.min()} to {labels.max()}, the model has "
             f"{logits.shape[1]} classes"
         )
+
+
+def image_format(model: onnx.ModelProto) -> dict[str, Any]:
+    """How to read an image folder for ``model`` (``datasets.load_dataset``'s ``mode`` and
+    ``size``): grey or RGB as its one input has 1 or 3 channels, resized to its height and width
+    where they are fixed; nothing for other inputs (the images are then checked as they are)."""
+    inputs = ir.graph_inputs(model)
+    dims = [] if len(inputs) != 1 else inputs[0].type.tensor_type.shape.dim
+    sizes = [d.dim_value if d.HasField("dim_value") else 0 for d in dims]
+    if len(sizes) != 4 or sizes[1] not in (1, 3):
+        return {}
+    return {
+        "mode": "L" if sizes[1] == 1 else "RGB",
+        "size": (sizes[3], sizes[2]) if all(sizes[2:]) else None,
+    }
 
 
 def _single_input(model: onnx.ModelProto, images: np.ndarray) -> str:

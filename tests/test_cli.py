@@ -579,6 +579,30 @@ def test_evaluate_refuses_a_report_over_its_data(tmp_path):
     assert data.read_bytes() == source.read_bytes()
 
 
+def test_evaluate_reads_an_image_folder_as_the_model_takes_images(tmp_path):
+    """RGB images of another size, in class folders, for a grey 28x28 model: converted and
+    resized as --inputs does (grey RGB converts back exactly: the same accuracy as the arrays)."""
+    from PIL import Image
+
+    model = Path(__file__).parent.parent / "models" / "fashion" / "resnet18_fashion.onnx"
+    data = np.load(Path(__file__).parent / "data" / "fashion_mnist_test_500.npz")
+    x, y = data["images"][:8].reshape(8, 28, 28), data["labels"][:8]
+    for i, (image, label) in enumerate(zip(x, y)):
+        (tmp_path / "images" / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).convert("RGB").save(tmp_path / "images" / str(label) / f"{i}.png")
+    large = Image.fromarray(x[0]).resize((40, 30)).convert("RGB")
+    large.save(tmp_path / "images" / str(y[0]) / "large.png")
+    resized = np.asarray(large.convert("L").resize((28, 28), Image.Resampling.BILINEAR))
+    np.savez(tmp_path / "same.npz", x=np.stack([*x, resized]), y=np.append(y, y[0]))
+    sweep = ["--planes", "4", "--seeds", "1", "--stats-images", "2", "--json", "-"]
+    accuracy = {}
+    for data_set in ("images", "same.npz"):
+        code, out, err = run("evaluate", model, "--data", tmp_path / data_set, *sweep)
+        assert code == 0, err
+        accuracy[data_set] = json.loads(out)["baseline"]["accuracy"]
+    assert accuracy["images"] == accuracy["same.npz"]
+
+
 def test_evaluate_writes_its_json_whatever_becomes_of_stdout(tmp_path):
     model = Path(__file__).parent.parent / "models" / "fashion" / "resnet18_fashion.onnx"
     data, report = (
