@@ -676,12 +676,16 @@ def inspect(model: Path, **kw: Any) -> None:
     )
     if unknown:
         lines.append("to count them, give the inputs' dynamic sizes (--dim NAME=SIZE)")
+    if result.flops.nested:
+        lines.append(f"neither converted nor counted: {', '.join(result.flops.nested)}")
     with Staging() as staging:  # the JSON first: what is written does not depend on stdout
         staging.then(lambda: console.echo("\n".join(lines)))
         document = {
             "model": str(model),
             "convs": [vars(d) | {"baseline_flops": flops.get(d.name)} for d in result.decisions],
             "baseline_flops": result.flops.baseline_total,
+            "uncounted": result.flops.uncounted,
+            "nested": result.flops.nested,
         }
         _write_json(kw["json_path"], document, staging)
         staging.commit()

@@ -17,7 +17,7 @@ from typing import Any
 
 import onnx
 
-from haste_onnx import flops
+from haste_onnx import flops, ir
 from haste_onnx.errors import InputError
 from haste_onnx.flops import HasteFlops
 from haste_onnx.passes.rewrite import ConvDecision, LayerPlan
@@ -63,6 +63,7 @@ class FlopsReport:
     skipped: list[SkippedConv]
     other_flops: float  # Gemm and MatMul, left as they are
     uncounted: list[str]  # Conv/Gemm/MatMul nodes whose shapes could not be inferred
+    nested: list[str] = dataclasses.field(default_factory=list)  # those inside subgraphs
 
     @property
     def converted_baseline(self) -> float:
@@ -161,7 +162,20 @@ def build(
                 )
         elif per_image is not None:
             other += per_image
-    return FlopsReport(inputs, layers, skipped, other, uncounted)
+    nested = [  # neither converted nor counted: the rewrite and the FLOPs see the main graph
+        f"{op} inside {node.op_type} {node.name or node.output[0]!r}"
+        for node in original.graph.node
+        for op in sorted(_nested_op_types(node) & {"Conv", "Gemm", "MatMul"})
+    ]
+    return FlopsReport(inputs, layers, skipped, other, uncounted, nested)
+
+
+def _nested_op_types(node: onnx.NodeProto) -> set[str]:
+    """The op types inside ``node``'s subgraphs, at any depth."""
+    types: set[str] = set()
+    for graph in ir.subgraphs(node):
+        types |= {n.op_type for n in graph.node} | ir.nested_op_types(graph)
+    return types
 
 
 def _round(value: object) -> object:
@@ -201,6 +215,7 @@ def flops_json(report: FlopsReport) -> dict[str, object]:
             "unchanged_flops": report.unchanged,
             "mean_ratio": report.mean_ratio,
             "uncounted": report.uncounted,
+            "nested": report.nested,
         },
     }
 
@@ -248,6 +263,8 @@ def table(report: FlopsReport) -> str:
     )
     if report.uncounted:
         lines.append(f"not counted (unknown shapes): {', '.join(report.uncounted)}")
+    if report.nested:
+        lines.append(f"neither converted nor counted: {', '.join(report.nested)}")
     return "\n".join(lines)
 
 

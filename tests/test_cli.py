@@ -146,6 +146,15 @@ def test_inspect_refuses_input_sizes_the_model_cannot_run_at(tmp_path):
         assert f"Conv 'conv' cannot run at these input sizes: its output would be {output}" in err
 
 
+def test_inspect_names_the_convs_inside_subgraphs_it_leaves_out(tmp_path):
+    onnx.save(graphs.subgraph_reads(), tmp_path / "if.onnx")
+    code, out, err = run("inspect", tmp_path / "if.onnx", "--json", tmp_path / "r.json")
+    assert code == 0, err
+    assert "1 of 1 convs eligible" in out
+    assert out.splitlines()[-1] == "neither converted nor counted: Conv inside If 'if'"
+    assert json.loads((tmp_path / "r.json").read_text())["nested"] == ["Conv inside If 'if'"]
+
+
 def test_inspect_says_when_a_weight_is_computed_at_run_time(tmp_path):
     onnx.save(graphs.runtime_weight(), tmp_path / "dynamic.onnx")
     code, out, err = run("inspect", tmp_path / "dynamic.onnx")

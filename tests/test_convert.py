@@ -216,6 +216,7 @@ def test_tensors_read_inside_subgraphs_are_kept(tmp_path, sign):
     result = convert(src, tmp_path / "out.onnx", verify_options=VerifyOptions(tmp_path / "x.npy"))
     assert result.passed, result.verification.failures
     assert [(p.name, p.fused_relu) for p in result.layers] == [("conv", False)]
+    assert result.flops.nested == ["Conv inside If 'if'"]  # said, not silently left out
     original = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
     expected = original.run(None, {"x": x})[0]
     got = make_session(tmp_path / "out.onnx").run(None, {"x": x})[0]
