@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <new>
@@ -1317,6 +1318,13 @@ void HasteConvKernel::Compute(const Ort::KernelContext& context) const {
     Fail("planes has L = " + std::to_string(planes_shape[0]) +
          " hyperplanes, but codes are 64-bit: L must be at most 63");
   }
+  const float* plane_values = planes.GetTensorData<float>();
+  for (int64_t i = 0; i < planes_shape[0] * p2; ++i) {
+    if (!std::isfinite(plane_values[i])) {
+      Fail("planes must be finite: plane " + std::to_string(i / p2) + " has " +
+           std::to_string(plane_values[i]) + " at " + std::to_string(i % p2));
+    }
+  }
   if (bias != nullptr) {
     const Shape bias_shape = FloatShape(bias, "B");
     if (bias_shape != Shape{g.m}) {
@@ -1336,7 +1344,7 @@ void HasteConvKernel::Compute(const Ort::KernelContext& context) const {
     packed = &packed_now;
   }
 
-  const SparsePlanes sparse_planes(planes.GetTensorData<float>(), planes_shape[0], p2);
+  const SparsePlanes sparse_planes(plane_values, planes_shape[0], p2);
 
   Job job{g,
           SplitPixels(g.tile),

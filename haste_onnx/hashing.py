@@ -95,6 +95,8 @@ def hash_codes(vectors: np.ndarray, planes: np.ndarray) -> np.ndarray:
     if planes.ndim != 2:
         raise ValueError(f"planes must be 2-D [L, D], got shape {planes.shape}")
     check_num_planes(planes.shape[0])
+    if not np.isfinite(planes).all():
+        raise ValueError("planes must be finite (entries in {-1, 0, 1}, or Gaussian)")
     if vectors.shape[-1] != planes.shape[1]:
         raise ValueError(
             f"vectors have length {vectors.shape[-1]} but planes have length {planes.shape[1]}"

@@ -471,6 +471,13 @@ INVALID = {
         _X.astype(np.float64),
         r"X must be float32, got float64 with shape \[1, 3, 8, 8\]",
     ),
+    "non-finite planes": (
+        haste_model(
+            _W, np.where(np.arange(50).reshape(2, 25) == 31, np.inf, _PLANES).astype(np.float32)
+        ),
+        _X,
+        r"planes must be finite: plane 1 has inf at 6",
+    ),
     "non-float planes": (
         haste_model(_W, _PLANES.astype(np.int64)),
         _X,
@@ -669,10 +676,6 @@ def test_w_given_at_run_time_is_packed_by_the_run(tile: int) -> None:
         np.testing.assert_array_equal(got, want)
         ref = haste_conv(x, w, planes, bias, pads=pads, tile=tile, relu=True)
         assert relative_l2(got, ref) <= 1e-4
-
-
-_W = np.ones((4, 3, 3, 3), np.float32)
-_X = np.ones((1, 3, 8, 8), np.float32)
 
 
 @pytest.mark.parametrize(

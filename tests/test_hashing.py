@@ -46,6 +46,13 @@ def test_plane_arguments_are_checked(kwargs, message):
         make_planes(**kwargs)
 
 
+def test_planes_that_are_not_finite_are_refused():
+    planes = np.ones((2, 4))
+    planes[1, 2] = np.inf
+    with pytest.raises(ValueError, match="planes must be finite"):
+        hash_codes(np.zeros((3, 4)), planes)
+
+
 def test_codes_use_all_36_bits_with_plane_0_least_significant():
     num_planes, dim = 36, 25
     planes = np.zeros((num_planes, dim), dtype=np.float32)
