@@ -309,7 +309,11 @@ def _start(
     and their .data files) and other input ``files`` (--inputs too), and matplotlib to be there
     for --plot: a bad path fails before any work is done."""
     reports = {"--json": kw["json_path"], "--plot": plot}
-    reports = {option: path for option, path in reports.items() if path not in (None, Path("-"))}
+    reports = {  # --json - is stdout; --plot - is a bad name, refused below
+        option: path
+        for option, path in reports.items()
+        if path is not None and (option, path) != ("--json", Path("-"))
+    }
     if not reports:  # nothing to check: the models' data files need not be read
         return _Console(kw["quiet"], kw["json_path"])
     # each file the command reads or writes, as it reads it or as writing it replaces it

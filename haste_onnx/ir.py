@@ -39,8 +39,8 @@ def load(path: str | os.PathLike[str]) -> onnx.ModelProto:
         ) from None
     if not model.graph.node:
         raise InputError(f"{path} is not a readable ONNX model: its graph has no nodes")
-    try:
-        onnx.checker.check_model(model)
+    try:  # past 2 GB the model cannot be serialized for the checker: it reads the file then
+        onnx.checker.check_model(str(path) if too_large(model) else model)
     except Exception as exc:
         raise InputError(f"{path} does not pass onnx.checker: {exc}") from None
     if model.ir_version > max_ir_version():

@@ -77,7 +77,10 @@ def check_output_path(
     source: Path, output: Path, source_data: set[Path], inputs: Path | None = None
 ) -> None:
     """Refuse outputs that would overwrite the input model, its external data files
-    (``source_data``) or the ``inputs`` file, or land where nothing can be written."""
+    (``source_data``) or the ``inputs`` file, or land where nothing can be written (the output's
+    own data file too, when the input has one: the output then has one as well)."""
+    if str(output) == "-":
+        raise InputError("a model cannot be written to stdout ('-'): name a file")
     written = real_destination(output)
     if written == real(source):
         raise InputError(f"output path is the input model: {output}; choose another output")
@@ -91,6 +94,8 @@ def check_output_path(
             f"the output's data file {data} holds the input model's tensors: choose another output"
         )
     check_writable(output)
+    if source_data:
+        check_writable(data, "the output's data file")
 
 
 def load_original(path: str | Path) -> onnx.ModelProto:

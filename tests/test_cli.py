@@ -206,6 +206,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "a.png").write_text("not a PNG")
     (tmp_path / "no images").mkdir()
+    (tmp_path / "q.onnx.data").mkdir()
     (tmp_path / "zero.npy").write_bytes(b"")
     (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04garbage")
     broken = onnx.load(EXAMPLE)
@@ -249,6 +250,12 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
         "corrupt image": (
             [tmp_path / "ok.onnx", "--inputs", tmp_path / "images"],
             "cannot read image",
+        ),
+        "plot to stdout": ([tmp_path / "ok.onnx", "--plot", "-"], "--plot -: name a .png file"),
+        "model to stdout": ([tmp_path / "ok.onnx", "-o", "-"], "cannot be written to stdout"),
+        "output data is a directory": (
+            [tmp_path / "ext.onnx", "-o", tmp_path / "q.onnx"],
+            "the output's data file path is a directory: " + str(tmp_path / "q.onnx.data"),
         ),
         "empty image folder": (
             [tmp_path / "ok.onnx", "--inputs", tmp_path / "no images", "--mean", "128"],
@@ -368,6 +375,9 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
         "empty inputs",
         "corrupt image",
         "empty image folder",
+        "plot to stdout",
+        "model to stdout",
+        "output data is a directory",
         "bad L",
         "bad s",
         "bad fraction s",
