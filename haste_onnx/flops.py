@@ -89,9 +89,9 @@ def haste_flops(
 def static_shapes(
     model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
 ) -> dict[str, list[int]]:
-    """Every tensor's shape with the graph inputs fixed to ``input_shapes`` (shape inference)."""
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
+    """Every tensor's shape with the graph inputs fixed to ``input_shapes`` (shape inference, on
+    the model without its weights: a model past 2 GB cannot be serialized for it)."""
+    fixed = ir.shapes_only(model)
     for value in fixed.graph.input:
         if value.name in input_shapes:
             dims = value.type.tensor_type.shape.dim

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from google.protobuf.message import EncodeError
 from onnx import numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, set_external_data
 
@@ -96,7 +97,10 @@ def external_data_files(path: str | os.PathLike[str]) -> set[Path]:
 
 def too_large(model: onnx.ModelProto) -> bool:
     """Whether the model cannot be serialized as one protobuf (2 GB limit)."""
-    return model.ByteSize() >= PROTOBUF_LIMIT
+    try:
+        return model.ByteSize() >= PROTOBUF_LIMIT
+    except EncodeError:  # so far past the limit that protobuf cannot even size it
+        return True
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike[str], external_data: bool) -> list[Path]:
@@ -230,10 +234,12 @@ SHAPE_CONSTANT_LIMIT = 1024
 Slice bounds and the like are far smaller; weights, larger, are shown by type and shape)."""
 
 
-def _shapes_only(model: onnx.ModelProto) -> onnx.ModelProto:
+def shapes_only(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` for shape inference, without its weights and without any value a
     feed can override: an initializer also listed as a graph input stays an input of unknown
-    value, and a large one becomes an input of its type and shape."""
+    value, and a large one becomes an input of its type and shape (a 1-D one of unknown length:
+    it is data, not a shape, and onnx's data propagation expands a 1-D tensor's length element
+    by element, 24 GB for 600 M)."""
     graph = model.graph
     inputs = {i.name for i in graph.input}
     constants, typed = [], []
@@ -243,9 +249,8 @@ def _shapes_only(model: onnx.ModelProto) -> onnx.ModelProto:
         if int(np.prod(tensor.dims)) <= SHAPE_CONSTANT_LIMIT:
             constants.append(tensor)
         else:
-            typed.append(
-                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
-            )
+            dims = ["length"] if len(tensor.dims) == 1 else tensor.dims
+            typed.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, dims))
     skeleton = onnx.helper.make_graph(
         graph.node,
         graph.name,
@@ -277,7 +282,7 @@ def declare_float_outputs(
         return
     inferred: dict[str, onnx.ValueInfoProto] = {}
     try:
-        found = onnx.shape_inference.infer_shapes(_shapes_only(source)).graph
+        found = onnx.shape_inference.infer_shapes(shapes_only(source)).graph
         inferred = {v.name: v for v in found.value_info}
     except (onnx.shape_inference.InferenceError, ValueError):
         pass  # the type alone, below
@@ -329,9 +334,9 @@ def nested_op_types(graph: onnx.GraphProto) -> set[str]:
 def remove_unused_initializers(graph: onnx.GraphProto, keep: Iterable[str] = ()) -> None:
     used = {name for node in graph.node for name in reads(node)}
     used |= graph_output_names(graph) | set(keep)
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    for index in reversed(range(len(graph.initializer))):  # in place: a copy of a tensor past
+        if graph.initializer[index].name not in used:  # 2 GB is serialized, which fails
+            del graph.initializer[index]
 
 
 def dead_outputs(graph: onnx.GraphProto) -> set[str]:
