@@ -24,6 +24,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from haste_onnx import ir, runtime
+from haste_onnx.errors import InputError
 from haste_onnx.opdef import DOMAIN
 from haste_onnx.passes.rewrite import ConvDecision, HasteOptions, LayerPlan, rewrite
 
@@ -148,6 +149,11 @@ def _timed_session(
     )
 
 
+def _check_timing(rounds: int, threads: int) -> None:
+    if rounds < 1 or threads < 1:
+        raise InputError(f"rounds = {rounds} and threads = {threads} must be >= 1")
+
+
 def time_model(
     original: onnx.ModelProto,
     converted: onnx.ModelProto,
@@ -156,8 +162,10 @@ def time_model(
     threads: int = 1,
 ) -> Comparison:
     """The converted model timed against the original, both run on ``feeds`` by onnxruntime with
-    the same session options (its default graph optimizations, ``threads`` threads)."""
-    before = _timed_session(original, threads, custom_ops=False)
+    the same session options (its default graph optimizations, ``threads`` threads, and the
+    operator's library, so that the baseline may be a model converted earlier)."""
+    _check_timing(rounds, threads)
+    before = _timed_session(original, threads)
     after = _timed_session(converted, threads)
     return compare(partial(after.run, None, feeds), partial(before.run, None, feeds), rounds)
 
@@ -172,6 +180,7 @@ def time_layers(
     """Every HasteConv node of the converted ``model`` timed against the same layer as Conv, by
     the node's output name: each layer alone, fed the input it gets when ``model`` runs on
     ``feeds``."""
+    _check_timing(rounds, threads)
     nodes = [n for n in model.graph.node if n.domain == DOMAIN]
     session = runtime.quiet_session(ir.with_outputs(model, [n.input[0] for n in nodes]))
     names = [o.name for o in session.get_outputs()]

@@ -10,7 +10,7 @@ import pytest
 from oracles import conv2d
 
 from haste_onnx import ir, opdef, speed
-from haste_onnx.errors import NothingFaster
+from haste_onnx.errors import InputError, NothingFaster
 from haste_onnx.passes.rewrite import HasteOptions, rewrite
 from haste_onnx.pipeline import convert
 from haste_onnx.runtime import make_session
@@ -100,6 +100,20 @@ def test_time_model_times_both_models():
     feeds = {"input": np.zeros((1, 3, 32, 32), np.float32)}
     t = speed.time_model(original, converted, feeds, rounds=2)
     assert np.isfinite(t.ratio) and t.ratio > 0 and 0 <= t.wins <= t.rounds == 2
+    t = speed.time_model(converted, converted, feeds, rounds=2)  # a converted baseline too
+    assert np.isfinite(t.ratio) and t.rounds == 2
+
+
+@pytest.mark.parametrize("rounds, threads", [(0, 1), (2, 0)])
+def test_timing_refuses_no_rounds_and_no_threads(rounds, threads):
+    original = onnx.load(EXAMPLE)
+    converted, _, _ = rewrite(original, HasteOptions())
+    feeds = {"input": np.zeros((1, 3, 32, 32), np.float32)}
+    message = f"rounds = {rounds} and threads = {threads} must be >= 1"
+    with pytest.raises(InputError, match=message):
+        speed.time_model(original, converted, feeds, rounds=rounds, threads=threads)
+    with pytest.raises(InputError, match=message):
+        speed.time_layers(converted, feeds, rounds=rounds, threads=threads)
 
 
 def test_only_faster_keeps_the_layers_that_are_not_faster_as_conv(tmp_path, monkeypatch):
