@@ -10,6 +10,7 @@ files (see :meth:`Staging.commit` for the one case it cannot).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import stat
@@ -91,24 +92,27 @@ def scratch_directory(folder: Path, prefix: str) -> tuple[Path, int | None]:
 
 
 def _entries(folder: Path, prefix: str) -> list[os.DirEntry[str]]:
-    """The directories (not links to one) in ``folder`` whose names start with ``prefix``."""
+    """The directories (not links to one) in ``folder`` named as ``mkdtemp`` names them with
+    ``prefix``: ``prefix`` and eight random characters (a user's own ``.haste-onnx-settings``
+    is none of them)."""
+    name = re.compile(re.escape(prefix) + "[a-z0-9_]{8}")
     try:
         with os.scandir(folder) as entries:
             return [
-                e for e in entries if e.name.startswith(prefix) and e.is_dir(follow_symlinks=False)
+                e for e in entries if name.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
             ]
     except OSError:
         return []
 
 
-def _lock(directory: str) -> int | None:
-    """An open descriptor of ``directory`` holding its exclusive lock, or None when another
-    process holds it or the file system has no such locks."""
+def _lock(directory: str, wait: bool = False) -> int | None:
+    """An open descriptor of ``directory`` holding its exclusive lock (waiting for it when
+    ``wait``), or None when another process holds it or the file system has no such locks."""
     if fcntl is None:
         return None
     descriptor = os.open(directory, os.O_RDONLY)
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except OSError:
         os.close(descriptor)
         return None
@@ -143,7 +147,7 @@ class Staging:
         staged, ``destination`` first."""
         folder = destination.parent
         try:
-            directory, lock = scratch_directory(folder, ".haste-onnx-")
+            directory, lock = scratch_directory(folder, ".haste-onnx-staging-")
             self._directories.append(directory)
             if lock is not None:
                 self._locks.append(lock)
@@ -175,15 +179,22 @@ class Staging:
                     previous[number] = signal.signal(number, lambda n, _: caught.append(n))
         moved: list[tuple[Path, Path | str]] = []  # each destination, and its old file
         target = None
-        try:
+        folders: list[int | None] = []  # locked while files move in: two runs writing one model
+        try:  # take turns, so that neither leaves its model with the other's .data file
+            for folder in dict.fromkeys(target.parent for _, target in self._moves):
+                folders.append(_lock(str(folder), wait=True))
             for staged, target in self._moves:
                 old = _keep_old(target, staged)
+                _keep_mode(target, staged)
                 os.replace(staged, target)
                 moved.append((target, old))
         except OSError as exc:
             failed = f"cannot write {target}: {exc.strerror or exc}"
             raise InputError(f"{failed}; {self._put_back(moved)}") from None
         finally:
+            for lock in folders:
+                if lock is not None:
+                    os.close(lock)
             self._moves.clear()
             for number, handler in previous.items():
                 signal.signal(number, handler)
@@ -207,8 +218,8 @@ class Staging:
             except OSError:
                 left.append(str(done))
                 if isinstance(old, Path):  # the old file stays where it was kept
-                    if old.parent in self._directories:
-                        self._directories.remove(old.parent)
+                    if old.parent.parent in self._directories:
+                        self._directories.remove(old.parent.parent)
                     left[-1] += f" (the old one is {old})"
         return f"only {', '.join(left)} replaced" if left else "nothing was written"
 
@@ -216,12 +227,21 @@ class Staging:
 _ABSENT, _UNKEPT = "no old file", "the old file could not be kept"
 
 
+def _keep_mode(target: Path, staged: Path) -> None:
+    """Give ``staged`` the permission bits of the file it replaces: restricted weights stay so."""
+    try:
+        os.chmod(staged, stat.S_IMODE(os.stat(target).st_mode))
+    except OSError:  # no old file, or a link to none
+        pass
+
+
 def _keep_old(target: Path, staged: Path) -> Path | str:
     """A link to the file at ``target`` (or a copy, where the file system refuses the link),
-    beside ``staged``, to put back if the commit fails; or why there is none."""
+    under its own name in a new directory beside ``staged`` (a suffix could make the longest
+    names too long), to put back if the commit fails; or why there is none."""
     if not os.path.lexists(target):
         return _ABSENT
-    old = staged.with_name(staged.name + ".old")
+    old = Path(tempfile.mkdtemp(dir=staged.parent, prefix="old-")) / target.name
     try:
         os.link(target, old, follow_symlinks=False)
     except OSError:  # no hard links here, or not to a file of another owner

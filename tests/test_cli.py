@@ -752,20 +752,70 @@ def test_the_directory_of_a_run_killed_outright_goes_with_the_next_run(example, 
     out.mkdir()
     killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_WRITING, out])
     assert killed.returncode == -signal.SIGKILL
-    [left] = out.glob(".haste-onnx-*")
+    [left] = out.glob(".haste-onnx-staging-*")
     assert (left / "model.onnx").read_text() == "half"
-    young = out / ".haste-onnx-young"
+    young, own = out / ".haste-onnx-staging-young___", out / ".haste-onnx-settings"
     young.mkdir()
+    own.mkdir()  # a user's, not one of a run: never removed
     with staging.Staging() as running:
         running.write(out / "report.json", lambda path: path.write_text("{}"))
-        [held] = set(out.glob(".haste-onnx-*")) - {left, young}
+        [held] = set(out.glob(".haste-onnx-staging-*")) - {left, young}
         an_hour_ago = time.time() - 3600
-        for directory in (left, held):
+        for directory in (left, held, own):
             os.utime(directory, (an_hour_ago, an_hour_ago))
         code, _, err = run("convert", example, "-o", out / "model.onnx", "-q")
         assert code == 0, err
-        assert sorted(out.glob(".haste-onnx-*")) == sorted([held, young])
-    assert sorted(out.iterdir()) == [young, out / "model.onnx"]
+        assert sorted(out.glob(".haste-onnx-staging-*")) == sorted([held, young])
+    assert sorted(out.iterdir()) == sorted([own, young, out / "model.onnx"])
+
+
+def test_a_replaced_file_keeps_its_permissions(tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_text("old")
+    path.chmod(0o640)  # restricted weights stay restricted
+    with staging.Staging() as stage:
+        stage.write(path, lambda staged: staged.write_text("new"))
+        stage.commit()
+    assert path.read_text() == "new" and stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+def test_an_old_file_with_the_longest_name_is_put_back(tmp_path, monkeypatch):
+    """Kept under its own name: with a suffix, a name of 255 characters could not be kept."""
+    model, report = tmp_path / ("n" * 250 + ".onnx"), tmp_path / "r.json"
+    model.write_text("old")
+    real_replace = os.replace
+
+    def report_refused(source, destination):
+        if Path(destination) == report:
+            raise OSError(errno.EPERM, "Operation not permitted")
+        real_replace(source, destination)
+
+    with staging.Staging() as stage:
+        stage.write(model, lambda staged: staged.write_text("new"))
+        stage.write(report, lambda staged: staged.write_text("{}"))
+        monkeypatch.setattr(staging.os, "replace", report_refused)
+        with pytest.raises(InputError, match="nothing was written"):
+            stage.commit()
+    assert sorted(tmp_path.iterdir()) == [model] and model.read_text() == "old"
+
+
+def test_commits_into_one_folder_take_turns(tmp_path):
+    """A run moving its files into the folder holds the folder's lock, and a commit waits for
+    it: two runs writing one model do not interleave (one's model with the other's .data)."""
+    import fcntl
+
+    path = tmp_path / "m.onnx"
+    other = os.open(tmp_path, os.O_RDONLY)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    with staging.Staging() as stage:
+        stage.write(path, lambda staged: staged.write_text("new"))
+        committer = threading.Thread(target=stage.commit)
+        committer.start()
+        time.sleep(0.5)
+        assert not path.exists()  # waiting for the other run
+        os.close(other)
+        committer.join(10)
+    assert path.read_text() == "new"
 
 
 def test_devices_and_pipes_are_refused_not_replaced(example, tmp_path):

@@ -448,7 +448,7 @@ def test_models_past_the_protobuf_limit_go_through_files(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ir, "PROTOBUF_LIMIT", 100_000)  # the example is ~550 kB
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    killed = tmp_path / "tmp" / "haste-onnx-session-killed"
+    killed = tmp_path / "tmp" / "haste-onnx-session-killed_1"
     killed.mkdir(parents=True)
     an_hour_ago = time.time() - 3600
     os.utime(killed, (an_hour_ago, an_hour_ago))
