@@ -28,8 +28,8 @@ try:
 except ImportError:  # not POSIX: directories of killed runs stay
     fcntl = None  # type: ignore[assignment]
 
-# How old an unlocked directory of a run must be to count as abandoned: a new one is unlocked
-# only between its creation and its lock, and one made by a run without locks only while it ran.
+# How old an unlocked directory of a run must be to count as abandoned (a live run's is unlocked
+# only between its creation and its lock: a margin far beyond that).
 _ABANDONED_AFTER = 600.0  # seconds
 
 
