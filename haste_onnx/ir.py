@@ -324,10 +324,14 @@ def tensor_names(graph: onnx.GraphProto) -> set[str]:
 
 def nested_op_types(graph: onnx.GraphProto) -> set[str]:
     """The op types of the nodes inside the subgraphs of ``graph``'s nodes, at any depth."""
+    return set().union(*map(inner_op_types, graph.node))
+
+
+def inner_op_types(node: onnx.NodeProto) -> set[str]:
+    """The op types of the nodes inside ``node``'s subgraphs, at any depth."""
     types: set[str] = set()
-    for node in graph.node:
-        for inner in subgraphs(node):
-            types |= {n.op_type for n in inner.node} | nested_op_types(inner)
+    for inner in subgraphs(node):
+        types |= {n.op_type for n in inner.node} | nested_op_types(inner)
     return types
 
 

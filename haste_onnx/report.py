@@ -165,17 +165,9 @@ def build(
     nested = [  # neither converted nor counted: the rewrite and the FLOPs see the main graph
         f"{op} inside {node.op_type} {node.name or node.output[0]!r}"
         for node in original.graph.node
-        for op in sorted(_nested_op_types(node) & {"Conv", "Gemm", "MatMul"})
+        for op in sorted(ir.inner_op_types(node) & {"Conv", "Gemm", "MatMul"})
     ]
     return FlopsReport(inputs, layers, skipped, other, uncounted, nested)
-
-
-def _nested_op_types(node: onnx.NodeProto) -> set[str]:
-    """The op types inside ``node``'s subgraphs, at any depth."""
-    types: set[str] = set()
-    for graph in ir.subgraphs(node):
-        types |= {n.op_type for n in graph.node} | ir.nested_op_types(graph)
-    return types
 
 
 def _round(value: object) -> object:
