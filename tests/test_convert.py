@@ -478,6 +478,10 @@ def test_models_past_the_protobuf_limit_go_through_files(tmp_path, monkeypatch):
             lambda: convert(EXAMPLE, options=HasteOptions(layer_planes={"nope": 4}), write=False),
             "layer planes: no Conv named nope",
         ),
+        (
+            lambda: convert(EXAMPLE, options=HasteOptions(layer_planes={"stem": 4}), write=False),
+            r"layer planes: stem is not converted \(only 3 input channels",
+        ),
         (lambda: Tolerances(min_cosine=float("nan")), "min_cosine = nan"),
         (lambda: Tolerances(min_top1=1.5), "min_top1"),
         (lambda: VerifyOptions(batch=-1), "batch = -1"),

@@ -306,6 +306,11 @@ def decide(
                 reason=reason or "",
             )
         )
+    for d in decisions:  # an L for a layer left as Conv would be silently unused
+        if d.name in options.layer_planes and not d.converted:
+            raise InputError(
+                f"layer planes: {d.name} is not converted ({d.reason}); drop its L or include it"
+            )
     return sites, decisions
 
 
