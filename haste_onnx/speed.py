@@ -236,6 +236,7 @@ def keep_faster(
                 options,
                 include=tuple(name for name in options.include if name not in reasons),
                 exclude=options.exclude + tuple(reasons),
+                layer_planes={k: v for k, v in options.layer_planes.items() if k not in reasons},
             )
             converted, decisions, plans = rewrite(original, excluded)
         if not plans:

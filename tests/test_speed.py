@@ -140,15 +140,16 @@ def test_only_faster_keeps_the_layers_that_are_not_faster_as_conv(tmp_path, monk
     assert sum(n.op_type == "Conv" for n in model.graph.node) == 3  # stem, layer1, down
 
 
-def test_only_faster_keeps_an_included_layer_that_is_not_faster_as_conv(tmp_path, monkeypatch):
+def test_only_faster_puts_back_an_included_layer_with_its_own_l(tmp_path, monkeypatch):
     def fake_ratios(model, feeds, **kwargs):  # the first layer is slower, the others faster
         return {name: timing(1.5 if i == 0 else 0.5) for i, name in enumerate(haste_outputs(model))}
 
     monkeypatch.setattr(speed, "time_layers", fake_ratios)
     monkeypatch.setattr(speed, "time_model", lambda original, converted, feeds, **kw: timing(0.9))
-    options = HasteOptions(include=("layer1",))
+    options = HasteOptions(include=("layer1",), layer_planes={"layer1": 6, "layer2": 5})
     result = convert(EXAMPLE, tmp_path / "out.onnx", options, only_faster=True)
     assert [p.name for p in result.layers] == ["block.conv1", "block.conv2", "layer2"]
+    assert [p.num_planes for p in result.layers] == [14, 14, 5]
     kept = next(d for d in result.decisions if d.name == "layer1")
     assert not kept.converted and "not faster" in kept.reason
 
