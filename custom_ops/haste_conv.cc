@@ -249,10 +249,10 @@ struct SparsePlanes {
 
 // Hashes every channel of patch [C, D]: code bit l is dot(planes[l], v_c - mean_c v_c) > 0,
 // computed as dot(planes[l], C v_c - sum_c v_c), C times the same projection: C v_c is exact in
-// double, and so is the rest wherever the data have few significant bits (small integers,
-// quantized values), where projections that are 0 in exact arithmetic then come out as exact
-// zeros instead of rounding noise. Everything is in double and each dot product is summed over
-// j in order, the sum over channels in order as numpy does, so the codes agree with the
+// double, and so is the rest wherever the exact sums fit double's 53-bit significand (small
+// integers, quantized values), where projections that are 0 in exact arithmetic then come out as
+// exact zeros instead of rounding noise. Everything is in double and each dot product is summed
+// over j in order, the sum over channels in order as numpy does, so the codes agree with the
 // reference except for projections within double rounding of zero. Scratch: sum [D], centered
 // [D, kHashBlock].
 // Projections are summed kDoubles lanes at a time; every lane does the same multiplications and

@@ -111,8 +111,8 @@ def center(vectors: np.ndarray) -> np.ndarray:
     """C times the vectors centered on their mean over the channel axis (-2), in float64.
 
     ``C v_c - sum_c v_c``, position by position: the same signs of projections as ``v_c - mean``,
-    but ``C v_c`` is exact, and so is the rest wherever the data have few significant bits
-    (small integers, quantized values): projections that are 0 in exact arithmetic then come out
+    but ``C v_c`` is exact, and so is the rest wherever the exact sums fit float64's 53-bit
+    significand (small integers, quantized values): projections that are 0 in exact arithmetic then come out
     as exact zeros (bit 0) instead of rounding noise. The sum runs over the channels in order.
     """
     v = np.asarray(vectors, dtype=np.float64)
