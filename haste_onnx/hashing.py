@@ -112,8 +112,9 @@ def center(vectors: np.ndarray) -> np.ndarray:
 
     ``C v_c - sum_c v_c``, position by position: the same signs of projections as ``v_c - mean``,
     but ``C v_c`` is exact, and so is the rest wherever the exact sums fit float64's 53-bit
-    significand (small integers, quantized values): projections that are 0 in exact arithmetic then come out
-    as exact zeros (bit 0) instead of rounding noise. The sum runs over the channels in order.
+    significand (small integers, quantized values): projections that are 0 in exact arithmetic
+    then come out as exact zeros (bit 0) instead of rounding noise. The sum runs over the
+    channels in order.
     """
     v = np.asarray(vectors, dtype=np.float64)
     with np.errstate(invalid="ignore"):  # Inf - Inf: a position that holds ±Inf is NaN or ±Inf
