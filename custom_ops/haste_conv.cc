@@ -4,6 +4,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <new>
@@ -350,13 +351,12 @@ __attribute__((target("avx2"))) void HashPatchAvx2(const float* patch, int64_t c
 }
 #endif
 
-bool HasAvx2();
-
-// Hashes every channel of patch [C, D] (HashPatchWith), four lanes wide on CPUs with AVX2.
-void HashPatch(const float* patch, int64_t channels, int64_t dim, const SparsePlanes& planes,
-               double* sum, double* centered, uint64_t* codes) {
+// Hashes every channel of patch [C, D] (HashPatchWith), four lanes wide where the convolution
+// kernel is at least AVX2's (`lanes` >= 8: FilterLanes).
+void HashPatch([[maybe_unused]] int64_t lanes, const float* patch, int64_t channels, int64_t dim,
+               const SparsePlanes& planes, double* sum, double* centered, uint64_t* codes) {
 #if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
-  if (HasAvx2()) return HashPatchAvx2(patch, channels, dim, planes, sum, centered, codes);
+  if (lanes >= 8) return HashPatchAvx2(patch, channels, dim, planes, sum, centered, codes);
 #endif
   HashPatchWith<2>(patch, channels, dim, planes, sum, centered, codes);
 }
@@ -483,7 +483,8 @@ __attribute__((always_inline)) inline void ConvGroup(const float* in, const int3
   for (int p = 0; p < kPixels; ++p) reinterpret_cast<Vec*>(out)[p] = acc[p];
 }
 
-// v = *value in every lane, and acc += a * b. With eight lanes, one AVX2 instruction each, written
+// v = *value in every lane, and acc += a * b. With eight (sixteen) lanes, one AVX2 (AVX-512)
+// instruction each, written
 // out: the compiler then keeps every accumulator in its register instead of rotating registers
 // between the FMA forms, and cannot merge broadcasts of one value into a long-lived register (it
 // spills in both cases).
@@ -492,6 +493,9 @@ __attribute__((always_inline)) inline void Splat(const float* value, Vec* v) {
 #if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
   if constexpr (kLanes == 8) {
     asm("vbroadcastss %1, %0" : "=x"(*v) : "m"(*value));
+    return;
+  } else if constexpr (kLanes == 16) {
+    asm("vbroadcastss %1, %0" : "=v"(*v) : "m"(*value));
     return;
   }
 #endif
@@ -503,6 +507,9 @@ __attribute__((always_inline)) inline void MultiplyAdd(Vec* acc, const Vec& a, c
 #if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
   if constexpr (kLanes == 8) {
     asm("vfmadd231ps %2, %1, %0" : "+x"(*acc) : "x"(a), "x"(b));
+    return;
+  } else if constexpr (kLanes == 16) {
+    asm("vfmadd231ps %2, %1, %0" : "+v"(*acc) : "v"(a), "v"(b));
     return;
   }
 #endif
@@ -638,6 +645,12 @@ __attribute__((target("avx2,fma"), noinline)) void SumLargeBucketsAvx2(
     int64_t buckets, float* wsum, BlockAhead* ahead) {
   SumLargeBucketsWith<8>(filters, order, starts, large, buckets, wsum, ahead);
 }
+
+__attribute__((target("avx512f"), noinline)) void SumLargeBucketsAvx512(
+    const float* filters, const int32_t* order, const int32_t* starts, int64_t large,
+    int64_t buckets, float* wsum, BlockAhead* ahead) {
+  SumLargeBucketsWith<16>(filters, order, starts, large, buckets, wsum, ahead);
+}
 #endif
 
 // out [kRows * kCols, kLanes] = the reduced convolution of one T = 3, K = 3 tile (its kRows x
@@ -662,7 +675,9 @@ __attribute__((always_inline)) inline void ConvTile3With(const float* in, const 
   while (large > 0 && starts[large] - starts[large - 1] > kSumInline) --large;
   if (large < buckets) {
 #if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
-    if constexpr (kLanes == 8) {
+    if constexpr (kLanes == 16) {
+      SumLargeBucketsAvx512(filters, order, starts, large, buckets, wsum, &ahead);
+    } else if constexpr (kLanes == 8) {
       SumLargeBucketsAvx2(filters, order, starts, large, buckets, wsum, &ahead);
     } else {
       SumLargeBucketsPortable(filters, order, starts, large, buckets, wsum, &ahead);
@@ -724,12 +739,27 @@ __attribute__((target("avx2,fma"), noinline)) void ConvTile3Avx2(
     const float* filters, float* wsum, const float* bias, bool relu, float* out, BlockAhead ahead) {
   ConvTile3With<8, kRows, kCols>(in, order, starts, buckets, filters, wsum, bias, relu, out, ahead);
 }
+
+template <int kRows, int kCols>
+__attribute__((target("avx512f"), noinline)) void ConvTile3Avx512(
+    const float* in, const int32_t* order, const int32_t* starts, int64_t buckets,
+    const float* filters, float* wsum, const float* bias, bool relu, float* out, BlockAhead ahead) {
+  ConvTile3With<16, kRows, kCols>(in, order, starts, buckets, filters, wsum, bias, relu, out,
+                                  ahead);
+}
 #endif
 
 // The kernel for a kLanes-wide filter block and `rows` x `cols` valid outputs (1-3 each).
 template <int kLanes>
 ConvTile3Fn ConvTile3For(int64_t rows, int64_t cols) {
 #if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
+  if constexpr (kLanes == 16) {
+    static constexpr ConvTile3Fn table[9] = {
+        ConvTile3Avx512<1, 1>, ConvTile3Avx512<1, 2>, ConvTile3Avx512<1, 3>,
+        ConvTile3Avx512<2, 1>, ConvTile3Avx512<2, 2>, ConvTile3Avx512<2, 3>,
+        ConvTile3Avx512<3, 1>, ConvTile3Avx512<3, 2>, ConvTile3Avx512<3, 3>};
+    return table[(rows - 1) * 3 + cols - 1];
+  }
   if constexpr (kLanes == 8) {
     static constexpr ConvTile3Fn table[9] = {
         ConvTile3Avx2<1, 1>, ConvTile3Avx2<1, 2>, ConvTile3Avx2<1, 3>,
@@ -848,25 +878,22 @@ __attribute__((target("avx2,fma"))) void ConvAvx2(const Job& job, const ChunkBuc
                                                   const WorkItem& item) {
   ConvAny<8>(job, chunk, item);
 }
+
+__attribute__((target("avx512f"))) void ConvAvx512(const Job& job, const ChunkBuckets& chunk,
+                                                   const WorkItem& item) {
+  ConvAny<16>(job, chunk, item);
+}
 #endif
 
 void ConvPortable(const Job& job, const ChunkBuckets& chunk, const WorkItem& item) {
   ConvAny<4>(job, chunk, item);
 }
 
-bool HasAvx2() {
-#if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return avx2;
-#else
-  return false;
-#endif
-}
-
-// The kernel for filters packed `lanes` wide: eight lanes on x86-64 CPUs with AVX2 and FMA, else
-// the portable four.
+// The kernel for filters packed `lanes` wide: sixteen lanes on x86-64 CPUs with AVX-512, eight
+// with AVX2 and FMA, else the portable four.
 ConvFn ConvFor(int64_t lanes) {
 #if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
+  if (lanes == 16) return ConvAvx512;
   if (lanes == 8) return ConvAvx2;
 #endif
   return lanes == 4 ? ConvPortable : nullptr;
@@ -964,7 +991,8 @@ void HashRow(const Job& job, ChunkBuckets& chunk, int64_t row) {
     float* patch = s.patch.data();
     GatherPatch(g, s.band.data(), tx, patch);
     laps.To(kGather);
-    HashPatch(patch, g.c, p2, *job.planes, s.sum.data(), s.centered.data(), s.codes.data());
+    HashPatch(job.lanes, patch, g.c, p2, *job.planes, s.sum.data(), s.centered.data(),
+              s.codes.data());
     laps.To(kHash);
     const int64_t buckets =
         GroupCodes(s.codes.data(), g.c, s.slots, s.bucket.data(), s.size.data());
@@ -1255,7 +1283,35 @@ OrtStatusPtr ToStatus(const OrtApi& api) {
 
 }  // namespace
 
-int64_t FilterLanes() { return HasAvx2() ? 8 : 4; }
+Isa IsaCap() {
+  const char* value = std::getenv("HASTE_ONNX_ISA");
+  const std::string cap = value ? value : "";
+  if (cap.empty() || cap == "avx512") return Isa::kAvx512;
+  if (cap == "avx2") return Isa::kAvx2;
+  if (cap == "portable") return Isa::kPortable;
+  Fail("HASTE_ONNX_ISA must be avx512, avx2 or portable (or unset), got '" + cap + "'");
+}
+
+Isa KernelIsa() {
+#if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
+  static const Isa widest = [] {
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return Isa::kPortable;
+    return __builtin_cpu_supports("avx512f") ? Isa::kAvx512 : Isa::kAvx2;
+  }();
+  return std::min(widest, IsaCap());
+#else
+  IsaCap();  // an unknown value fails here too
+  return Isa::kPortable;
+#endif
+}
+
+int64_t FilterLanes() {
+  switch (KernelIsa()) {
+    case Isa::kAvx512: return 16;
+    case Isa::kAvx2: return 8;
+    default: return 4;
+  }
+}
 
 PackedFilters PackFilters(const float* w, const std::vector<int64_t>& w_shape, int64_t lanes) {
   const int64_t m = w_shape[0], c = w_shape[1], taps = w_shape[2] * w_shape[3];
@@ -1363,6 +1419,14 @@ void HasteConvKernel::Compute(const Ort::KernelContext& context) const {
 
 }  // namespace haste_onnx
 
+extern "C" int64_t HasteConvLanes() {
+  try {
+    return haste_onnx::FilterLanes();
+  } catch (...) {
+    return 0;
+  }
+}
+
 extern "C" int HasteConvTileCodes(const float* x, const int64_t* x_shape, const float* planes,
                                   int64_t num_planes, int64_t kernel, int64_t tile,
                                   const int64_t* pads, uint64_t* codes) {
@@ -1378,13 +1442,14 @@ extern "C" int HasteConvTileCodes(const float* x, const int64_t* x_shape, const 
     std::vector<float> band(g.c * g.patch * BandWidth(g)), patch(g.c * p2);
     const SparsePlanes sparse_planes(planes, num_planes, p2);
     std::vector<double> sum(p2), centered(p2 * kHashBlock);
+    const int64_t lanes = FilterLanes();  // the hashing of the kernel a session would run
     for (int64_t n = 0; n < g.n; ++n) {
       for (int64_t ty = 0; ty < g.tiles_y; ++ty) {
         FillBand(g, x + n * g.c * g.h * g.w, ty, band.data());
         for (int64_t tx = 0; tx < g.tiles_x; ++tx) {
           GatherPatch(g, band.data(), tx, patch.data());
           const int64_t tile_index = (n * g.tiles_y + ty) * g.tiles_x + tx;
-          HashPatch(patch.data(), g.c, p2, sparse_planes, sum.data(), centered.data(),
+          HashPatch(lanes, patch.data(), g.c, p2, sparse_planes, sum.data(), centered.data(),
                     codes + tile_index * g.c);
         }
       }

@@ -59,7 +59,19 @@ struct PackedFilters {
   AlignedVector<float> data;
 };
 
-// Output channels per vector register of the kernel this CPU runs (8 with AVX2, else 4).
+// The instruction sets the kernel has code for, narrowest first.
+enum class Isa { kPortable, kAvx2, kAvx512 };
+
+// The widest the environment variable HASTE_ONNX_ISA allows: `avx512` (or unset: no limit),
+// `avx2` or `portable`, to compare the kernels or run a narrower one on a wider CPU. Any other
+// value fails.
+Isa IsaCap();
+
+// The instruction set the kernel uses: the widest this CPU has, within IsaCap().
+Isa KernelIsa();
+
+// Output channels per vector register of the kernel this CPU runs (16 with AVX-512, 8 with
+// AVX2 and FMA, else 4).
 int64_t FilterLanes();
 
 // Packs W [M, C, K, K] (shape w_shape) for `lanes`-wide kernels.
@@ -115,6 +127,10 @@ extern "C" HASTE_ONNX_EXPORT int HasteConvTileCodes(const float* x, const int64_
                                                     const float* planes, int64_t num_planes,
                                                     int64_t kernel, int64_t tile,
                                                     const int64_t* pads, uint64_t* codes);
+
+// Test hook: the output channels per vector register of the kernel a session would run now
+// (FilterLanes: 16, 8 or 4), or 0 when HASTE_ONNX_ISA holds an unknown value.
+extern "C" HASTE_ONNX_EXPORT int64_t HasteConvLanes();
 
 // Profiling hook (benchmarks/profile_layer.py): copies up to `size` totals of a build made with
 // -DHASTE_PROFILE=ON, the clock ticks of each phase of the runs so far and then counts of their

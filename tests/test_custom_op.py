@@ -1,7 +1,8 @@
 """The HasteConv onnxruntime custom operator against the numpy reference (the oracle).
 
 Runs against the installed package's library; HASTE_ONNX_TEST_LIBRARY points the tests at another
-build of it (custom_ops/tests/run_sanitizer.sh uses that for the sanitizer build).
+build of it (custom_ops/tests/run_sanitizer.sh uses that for the sanitizer build), and
+HASTE_ONNX_TEST_PORTABLE_BUILD=1 says that build has only the portable kernel (HASTE_PORTABLE).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import ctypes
 import itertools
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError
@@ -586,6 +589,48 @@ def test_wrong_attribute_fails_in_both_implementations(name: str) -> None:
         ReferenceEvaluator(model, new_ops=[HasteConv]).run(None, {"X": _X})
 
 
+@pytest.mark.skipif("HASTE_ONNX_ISA" in os.environ, reason="a run of a narrower kernel already")
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+def test_the_narrower_kernels_pass_these_tests_too(isa: str) -> None:
+    """The library runs the widest kernel this CPU has (AVX-512, AVX2 or portable); the narrower
+    ones run every test of this file too, in a process of their own with HASTE_ONNX_ISA set."""
+    env = {**os.environ, "HASTE_ONNX_ISA": isa, "HASTE_ONNX_TEST_LIBRARY": LIBRARY}
+    # -P: the package as installed, not the source tree beside the tests
+    command = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" in result.stdout  # this test, skipped there
+
+
+def cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as info:
+        flags = next((line for line in info if line.startswith("flags")), "flags :")
+    return set(flags.split(":")[1].split())
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the CPU's flags from Linux")
+def test_the_kernel_is_the_widest_the_cpu_has_within_haste_onnx_isa(monkeypatch) -> None:
+    _library.HasteConvLanes.restype = ctypes.c_int64
+    flags = set() if os.environ.get("HASTE_ONNX_TEST_PORTABLE_BUILD") else cpu_flags()
+    avx2 = 8 if {"avx2", "fma"} <= flags else 4
+    widest = 16 if avx2 == 8 and "avx512f" in flags else avx2
+    for cap, lanes in [(None, widest), ("avx512", widest), ("avx2", avx2), ("portable", 4)]:
+        if cap is None:
+            monkeypatch.delenv("HASTE_ONNX_ISA", raising=False)
+        else:
+            monkeypatch.setenv("HASTE_ONNX_ISA", cap)
+        assert _library.HasteConvLanes() == lanes, cap
+    monkeypatch.setenv("HASTE_ONNX_ISA", "AVX2")
+    assert _library.HasteConvLanes() == 0
+
+
+def test_an_unknown_isa_fails_when_the_session_is_created(monkeypatch) -> None:
+    monkeypatch.setenv("HASTE_ONNX_ISA", "avx1024")
+    model = haste_model(_W, np.ones((2, 25), np.float32))
+    with pytest.raises(ORT_ERRORS, match="HASTE_ONNX_ISA must be avx512, avx2 or portable"):
+        run(model, _X)
+
+
 # --- the Python side --------------------------------------------------------------------------
 
 
@@ -702,8 +747,9 @@ def test_bias_of_rank_two_fails_with_message() -> None:
 @pytest.mark.parametrize("tile", [3, 2])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_many_output_channels_match_reference(m: int, tile: int, threads: int) -> None:
-    """M = 72 or 100 is 9 or 13 blocks of 8 lanes (18 or 25 of 4): several block ranges per row
-    group, whose union must cover every output channel, on one thread or two."""
+    """M = 72 or 100 is 5 or 7 blocks of 16 lanes (9 or 13 of 8, 18 or 25 of 4), the last one
+    part full: several block ranges per row group, whose union must cover every output channel,
+    on one thread or two."""
     rng = np.random.default_rng(42)
     case = dict(
         n=2, c=12, m=m, h=11, w=10, k=3, num_planes=14, bias=True, sparsity=2 / 3, tile=tile

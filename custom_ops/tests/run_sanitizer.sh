@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the HasteConv library with AddressSanitizer and UndefinedBehaviorSanitizer and runs the
 # operator's tests against it (tests/test_custom_op.py: hundreds of random shapes, the exact
-# cases, concurrent runs, every invalid input), once with the kernel this CPU picks and once
-# with the portable one. Any finding aborts the run with a report.
+# cases, concurrent runs, every invalid input), once built with every kernel (the tests run the
+# one this CPU picks, and the narrower ones in processes of their own) and once with the portable
+# one alone. Any finding aborts the run with a report.
 # Needs the package installed (the tests use its numpy reference) and pytest on PATH.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
@@ -35,5 +36,6 @@ for portable in OFF ON; do
     LD_PRELOAD=$preload ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
       UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
       HASTE_ONNX_TEST_LIBRARY="$build/$portable/libhaste_onnx_ops.so" \
+      HASTE_ONNX_TEST_PORTABLE_BUILD=$([ "$portable" = ON ] && echo 1) \
       pytest -p no:cacheprovider -q --capture=sys tests/test_custom_op.py)
 done
