@@ -49,14 +49,17 @@ PHASES = {
     "job": "the whole run",
 }
 COUNTS = "full_tiles full_buckets full_merged edge_tiles edge_fmas jobs job_nanos".split()
-LANES = 8  # the AVX2 kernel's filter block; the rates below assume it
+LANES = 8  # rates are of 8-wide multiply-adds, whatever the kernel's width
 
 
 class Profile:
     """The profiling hook of a library built with -DHASTE_PROFILE=ON."""
 
     def __init__(self, library: str) -> None:
-        self._read = ctypes.CDLL(library).HasteConvProfile
+        loaded = ctypes.CDLL(library)
+        loaded.HasteConvLanes.restype = ctypes.c_int64
+        self.lanes = loaded.HasteConvLanes()  # of the kernel it runs, whose work it counts
+        self._read = loaded.HasteConvProfile
         self._read.restype = ctypes.c_int64
         self._read.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_int64, ctypes.c_int]
         if self._read(None, 0, 0) != len(PHASES) + len(COUNTS):
@@ -101,7 +104,9 @@ def profile(
     m = w.shape[0]
     conv_fmas = n * h * w_ * m * c * 9 / LANES
     conv_rate = conv_fmas / (conv_s * 1e9)
-    full_fmas = t["full_buckets"] * 81
+    scale = hook.lanes / LANES  # the kernel's multiply-adds, in 8-wide ones
+    full_fmas = t["full_buckets"] * 81 * scale
+    edge_fmas = t["edge_fmas"] * scale
     r = measured_r(x, planes, DEFAULT_TILE)
     print(f"\n### {label}: C = {c}, M = {m}, {h}x{w_}, batch {n}, r = {r:.2f}\n")
     print(
@@ -112,7 +117,7 @@ def profile(
     print("|---|---|---|---|")
     rates = {
         "conv_full": full_fmas / (t["conv_full"] / ticks_per_s * 1e9 or 1),
-        "conv_edge": t["edge_fmas"] / (t["conv_edge"] / ticks_per_s * 1e9 or 1),
+        "conv_edge": edge_fmas / (t["conv_edge"] / ticks_per_s * 1e9 or 1),
     }
     rows = [(text, t[key], rates.get(key)) for key, text in PHASES.items() if key != "job"]
     rest = t["job"] - sum(ticks for _, ticks, _ in rows)
@@ -125,7 +130,7 @@ def profile(
         "| outside the kernel's run (the run call, checks, allocating Y; Conv pays its own) | "
         f"{outside / conv_s:.3f} | {outside / haste_s:.1%} | |"
     )
-    work = (full_fmas + t["edge_fmas"]) / jobs / conv_fmas
+    work = (full_fmas + edge_fmas) / jobs / conv_fmas
     merged = t["full_merged"] / max(t["full_buckets"], 1)
     print(
         f"\nmultiply-adds done: {work:.2f} of Conv's; "

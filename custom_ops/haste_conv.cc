@@ -349,13 +349,22 @@ __attribute__((target("avx2"))) void HashPatchAvx2(const float* patch, int64_t c
                                                    double* sum, double* centered, uint64_t* codes) {
   HashPatchWith<4>(patch, channels, dim, planes, sum, centered, codes);
 }
+
+// AVX-512: eight lanes. AVX-512 has fused multiply-adds, and GCC's default (gnu++17) contracts
+// a * b + c into them, which would change a projection's rounding: not here.
+__attribute__((target("avx512f"), optimize("fp-contract=off"))) void HashPatchAvx512(
+    const float* patch, int64_t channels, int64_t dim, const SparsePlanes& planes, double* sum,
+    double* centered, uint64_t* codes) {
+  HashPatchWith<8>(patch, channels, dim, planes, sum, centered, codes);
+}
 #endif
 
-// Hashes every channel of patch [C, D] (HashPatchWith), four lanes wide where the convolution
-// kernel is at least AVX2's (`lanes` >= 8: FilterLanes).
+// Hashes every channel of patch [C, D] (HashPatchWith), eight lanes wide where the convolution
+// kernel is AVX-512's (`lanes` = 16: FilterLanes), four where it is AVX2's (8).
 void HashPatch([[maybe_unused]] int64_t lanes, const float* patch, int64_t channels, int64_t dim,
                const SparsePlanes& planes, double* sum, double* centered, uint64_t* codes) {
 #if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
+  if (lanes >= 16) return HashPatchAvx512(patch, channels, dim, planes, sum, centered, codes);
   if (lanes >= 8) return HashPatchAvx2(patch, channels, dim, planes, sum, centered, codes);
 #endif
   HashPatchWith<2>(patch, channels, dim, planes, sum, centered, codes);
