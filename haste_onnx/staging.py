@@ -17,7 +17,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 
@@ -119,6 +119,20 @@ def _lock(directory: str, wait: bool = False) -> int | None:
     return descriptor
 
 
+def _in_lock_order(folders: Iterable[Path]) -> list[str]:
+    """Each folder once however it is spelt (a second lock on one folder would wait on the
+    first for ever), in the same order in every process (two runs locking two folders in
+    opposite orders would wait on each other)."""
+    found: dict[tuple[int, int], str] = {}
+    for folder in folders:
+        try:
+            info = os.stat(folder)
+        except OSError:  # the move into it fails, and says why
+            continue
+        found.setdefault((info.st_dev, info.st_ino), str(folder))
+    return [found[key] for key in sorted(found)]
+
+
 class Staging:
     def __init__(self) -> None:
         self._directories: list[Path] = []
@@ -181,8 +195,8 @@ class Staging:
         target = None
         folders: list[int | None] = []  # locked while files move in: two runs writing one model
         try:  # take turns, so that neither leaves its model with the other's .data file
-            for folder in dict.fromkeys(target.parent for _, target in self._moves):
-                folders.append(_lock(str(folder), wait=True))
+            for folder in _in_lock_order(target.parent for _, target in self._moves):
+                folders.append(_lock(folder, wait=True))
             for staged, target in self._moves:
                 old = _keep_old(target, staged)
                 _keep_mode(target, staged)

@@ -798,6 +798,15 @@ def test_commits_into_one_folder_take_turns(tmp_path):
     assert path.read_text() == "new"
 
 
+def test_files_into_one_folder_spelt_two_ways_are_written(example, tmp_path):
+    """The folder is locked once: locked again under its other name, the commit waited on its
+    own lock for ever (an absolute -o with a relative --json)."""
+    command = ["haste-onnx", "convert", example, "-o", tmp_path / "m.onnx", "--json", "m.json"]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "m.onnx").is_file() and (tmp_path / "m.json").is_file()
+
+
 def test_devices_and_pipes_are_refused_not_replaced(example, tmp_path):
     """A file is written beside its destination and renamed over it: over a device or a pipe
     that would replace it (as root, even /dev/null), not write to it."""
