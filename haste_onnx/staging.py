@@ -35,8 +35,9 @@ _ABANDONED_AFTER = 600.0  # seconds
 
 def check_writable(path: Path, what: str = "output") -> None:
     """Refuse a file path (``what``: the option it comes from) that is a directory, a device or
-    a pipe (a file is written beside it and renamed over it, which would replace a device, not
-    write to it), or whose directory is missing or read-only: checked before any work, not
+    a pipe, or in /dev or /proc (/dev/stdout when it is a file) (a file is written beside it and
+    renamed over it, which would replace a device, not write to it), or whose directory is
+    missing or read-only: checked before any work, not
     found out after it. A symbolic link is replaced by the file, like any other old file, so
     that a model's data file lies beside the path given."""
     if not path.name:
@@ -53,6 +54,12 @@ def check_writable(path: Path, what: str = "output") -> None:
         directory = path.parent
         if not directory.is_dir():
             raise InputError(f"{what} directory does not exist: {directory}")
+        folder = real(directory)  # /dev/stdout, /dev/fd/1: links to a file a process has open
+        if folder == Path("/dev") or Path("/proc") in (folder, *folder.parents):
+            raise InputError(
+                f"{what} path {path} is not a file in a folder but a device or a process's open "
+                "file (it would be replaced, not written to)"
+            )
         if not os.access(directory, os.W_OK | os.X_OK):
             raise InputError(f"{what} directory is not writable: {directory}")
     except OSError as exc:  # a name too long, a loop of links, a directory that cannot be read

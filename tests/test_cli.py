@@ -807,6 +807,18 @@ def test_files_into_one_folder_spelt_two_ways_are_written(example, tmp_path):
     assert (tmp_path / "m.onnx").is_file() and (tmp_path / "m.json").is_file()
 
 
+def test_a_process_s_open_file_is_refused_not_replaced(example, tmp_path):
+    """/dev/stdout redirected to a file links to a regular file, through /proc: as root, the
+    link itself in /dev was replaced by the model."""
+    with open(tmp_path / "redirected", "w") as held:
+        for path in (f"/dev/fd/{held.fileno()}", f"/proc/self/fd/{held.fileno()}"):
+            for option in ("-o", "--json", "--plot"):
+                code, _, err = run("convert", example, option, path)
+                assert code == 2 and "a device or a process's open file" in err, err
+    assert (tmp_path / "redirected").stat().st_size == 0
+    assert not (tmp_path / "example.haste.onnx").exists()
+
+
 def test_devices_and_pipes_are_refused_not_replaced(example, tmp_path):
     """A file is written beside its destination and renamed over it: over a device or a pipe
     that would replace it (as root, even /dev/null), not write to it."""
