@@ -98,6 +98,15 @@ class FlopsReport:
         )
 
 
+def _batch(input_shapes: dict[str, tuple[int, ...]]) -> int:
+    """The images per run that FLOPs are divided by: the first dimension of the first 4-D graph
+    input (a CNN's [N, C, H, W]), else of the first input that has one; not the largest of all
+    inputs, which may be anchors [1000, 4] or, exported without their values, weights."""
+    shapes = [shape for shape in input_shapes.values() if shape]
+    first = next((shape for shape in shapes if len(shape) == 4), shapes[0] if shapes else (1,))
+    return first[0] or 1
+
+
 def build(
     original: onnx.ModelProto,
     decisions: Sequence[ConvDecision],
@@ -108,7 +117,7 @@ def build(
     time_ratios: Mapping[str, float] | None = None,
 ) -> FlopsReport:
     """Assemble the report from the rewrite's decisions and the verification's measurements."""
-    batch = max((shape[0] for shape in input_shapes.values() if shape), default=1) or 1
+    batch = _batch(input_shapes)
     shapes = flops.static_shapes(original, input_shapes)
     run_by_name = {r.name: r for r in runs}
     layers = []

@@ -342,6 +342,23 @@ def tiny(seed: int = 11) -> onnx.ModelProto:
     return n.model(n.conv("x", 8, 2, name="conv"), ["N", 2, 6, 6])
 
 
+def with_anchors(seed: int = 17) -> onnx.ModelProto:
+    """tiny() with a second input, anchors [1000, 4], added to its output: a first dimension
+    that is not the batch."""
+    n = Net(seed, channels=8, size=6)
+    out = n.op("Add", n.conv("x", 8, 2, name="conv"), n.op("ReduceSum", "anchors", keepdims=0))
+    inputs = [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, n.input_shape),
+        helper.make_tensor_value_info("anchors", TensorProto.FLOAT, [1000, 4]),
+    ]
+    outputs = [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", 2, 6, 6])]
+    graph = helper.make_graph(n.nodes, "anchors", inputs, outputs, n.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
 def overridable_shape(seed: int = 12) -> onnx.ModelProto:
     """x [2, 4096] reshaped by ``target``, an initializer that is also a graph input (a feed may
     override it: [-1, 16, 16, 16] by default), into a 3x3 Conv; its output's height then

@@ -155,6 +155,18 @@ def test_inspect_names_the_convs_inside_subgraphs_it_leaves_out(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["nested"] == ["Conv inside If 'if'"]
 
 
+def test_flops_per_image_are_divided_by_the_batch_of_the_image_input(tmp_path):
+    """Not by the largest first dimension of any input (anchors [1000, 4] here: 1000x too few)."""
+    onnx.save(graphs.with_anchors(), tmp_path / "anchors.onnx")
+    conv = 2 * 6 * 6 * 9 * 8 * 2  # 2 Ho Wo K^2 C M
+    for command in ("inspect", "convert"):
+        code, out, err = run(command, tmp_path / "anchors.onnx", "--batch", "2", "--json", "-")
+        assert code == 0, err
+        totals = json.loads(out)
+        totals = totals.get("totals", totals)
+        assert totals["baseline_flops"] == conv, command
+
+
 def test_inspect_says_when_a_weight_is_computed_at_run_time(tmp_path):
     onnx.save(graphs.runtime_weight(), tmp_path / "dynamic.onnx")
     code, out, err = run("inspect", tmp_path / "dynamic.onnx")
