@@ -50,6 +50,28 @@ def fits(value: onnx.ValueInfoProto, shape: tuple[int, ...], first_axis: int = 0
     )
 
 
+def _batches_of(value: onnx.ValueInfoProto, shape: tuple[int, ...]) -> bool:
+    """Whether an array of ``shape`` holds several batches of an input whose first dimension is
+    fixed (a model exported for one image): run one at a time (runtime.run)."""
+    dims = value.type.tensor_type.shape.dim
+    first = dims[0].dim_value if dims and dims[0].HasField("dim_value") else 0
+    return first > 0 and len(shape) > 0 and shape[0] % first == 0 and fits(value, shape, 1)
+
+
+def run_shapes(
+    model: onnx.ModelProto, arrays: Mapping[str, np.ndarray]
+) -> dict[str, tuple[int, ...]]:
+    """The input shapes of one run of the model on ``arrays``: a fixed first dimension where the
+    arrays hold several batches of it."""
+    shapes = {name: tuple(array.shape) for name, array in arrays.items()}
+    for value in ir.graph_inputs(model):
+        dims = value.type.tensor_type.shape.dim
+        shape = shapes.get(value.name)
+        if shape and dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            shapes[value.name] = (dims[0].dim_value, *shape[1:])
+    return shapes
+
+
 def resolve_shape(
     value: onnx.ValueInfoProto, batch: int, dims: Mapping[str, int]
 ) -> tuple[int, ...]:
@@ -191,7 +213,7 @@ def user_feeds(
         raise InputError(f"inputs must be a .npy or .npz file or an image folder, got {path}")
     for value in inputs:
         arrays[value.name] = array = _as_input(value, arrays[value.name])
-        if not fits(value, array.shape):
+        if not (fits(value, array.shape) or _batches_of(value, array.shape)):
             raise InputError(
                 f"input {value.name!r}: array of shape {list(array.shape)} does not "
                 f"fit the model's {declared_shape(value)}"

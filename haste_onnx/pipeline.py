@@ -192,7 +192,7 @@ def convert(
     verification = verify(
         original, converted, plans, feeds.arrays, feeds.description, tolerances or Tolerances(), say
     )
-    shapes = {k: tuple(v.shape) for k, v in feeds.arrays.items()}
+    shapes = inputs.run_shapes(original, feeds.arrays)
     flops_report = report.build(
         original, decisions, plans, verification.layers, shapes, feeds.description, time_ratios
     )
@@ -235,7 +235,7 @@ def inspect(
     verify_options = verify_options or VerifyOptions()
     if verify_options.inputs is not None:
         feeds = make_feeds(model, verify_options)
-        shapes = {k: tuple(v.shape) for k, v in feeds.arrays.items()}
+        shapes = inputs.run_shapes(model, feeds.arrays)
         description = feeds.description
     else:
         inputs.check_dims(model, verify_options.dims)
@@ -309,7 +309,7 @@ def verify_pair(
         )
         for d in decide(original, HasteOptions(min_channels=1))[1]
     ]
-    shapes = {k: tuple(v.shape) for k, v in feeds.arrays.items()}
+    shapes = inputs.run_shapes(original, feeds.arrays)
     flops_report = report.build(
         original, decisions, plans, verification.layers, shapes, feeds.description
     )

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -110,3 +111,37 @@ def quiet_session(
     if custom_ops:
         return make_session(source, sess_options=options)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def run(
+    session: ort.InferenceSession, names: Sequence[str] | None, feeds: dict[str, np.ndarray]
+) -> list[np.ndarray]:
+    """``session.run``, also where the feeds hold several of the batches a fixed first dimension
+    takes (a model exported for one image, fed several): then batch after batch, the outputs
+    joined on their first axis."""
+    fixed = {
+        i.name: i.shape[0]
+        for i in session.get_inputs()
+        if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0
+    }
+    counts = {
+        feeds[name].shape[0] // size
+        for name, size in fixed.items()
+        if name in feeds and feeds[name].ndim and feeds[name].shape[0] % size == 0
+    }
+    if len(counts) != 1 or (count := counts.pop()) <= 1:
+        return session.run(names, feeds)
+
+    def batch(name: str, array: np.ndarray, i: int) -> np.ndarray:
+        size = fixed.get(name)
+        return array if size is None else array[i * size : (i + 1) * size]
+
+    parts = [
+        session.run(names, {k: batch(k, v, i) for k, v in feeds.items()}) for i in range(count)
+    ]
+    if any(p.ndim == 0 for p in parts[0]):
+        raise InputError(
+            f"the model takes {count} batches of these inputs one at a time, and has an output "
+            "without a batch axis to join them on: give inputs for one batch"
+        )
+    return [np.concatenate(outputs) for outputs in zip(*parts)]

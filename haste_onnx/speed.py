@@ -167,7 +167,9 @@ def time_model(
     _check_timing(rounds, threads)
     before = _timed_session(original, threads)
     after = _timed_session(converted, threads)
-    return compare(partial(after.run, None, feeds), partial(before.run, None, feeds), rounds)
+    return compare(
+        partial(runtime.run, after, None, feeds), partial(runtime.run, before, None, feeds), rounds
+    )
 
 
 def time_layers(
@@ -184,7 +186,7 @@ def time_layers(
     nodes = [n for n in model.graph.node if n.domain == DOMAIN]
     session = runtime.quiet_session(ir.with_outputs(model, [n.input[0] for n in nodes]))
     names = [o.name for o in session.get_outputs()]
-    tensors = dict(zip(names, session.run(names, feeds)))
+    tensors = dict(zip(names, runtime.run(session, names, feeds)))
     tensors.update(feeds)
     timings = {}
     for node in nodes:

@@ -136,7 +136,7 @@ def _output_failures(results: Sequence[OutputFidelity], tol: Tolerances) -> list
 def run_original(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     session = runtime.quiet_session(model, custom_ops=False)
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds)))
+    return dict(zip(names, runtime.run(session, names, feeds)))
 
 
 def run_with_captures(
@@ -145,7 +145,7 @@ def run_with_captures(
     """Run a converted model, also returning the tensors named in ``capture``."""
     session = runtime.quiet_session(ir.with_outputs(model, capture, skip=feeds))
     names = [o.name for o in session.get_outputs()]
-    results = dict(zip(names, session.run(names, feeds)))
+    results = dict(zip(names, runtime.run(session, names, feeds)))
     results.update(feeds)
     return results
 

@@ -203,6 +203,28 @@ def test_user_inputs_npz_and_dynamic_dims(tmp_path):
     assert "user inputs" in json.loads(out)["inputs"]
 
 
+def test_a_model_exported_for_one_image_is_checked_on_several(tmp_path):
+    """A fixed batch of 1 (torch's default export) with 3 images: run one at a time, not refused;
+    FLOPs per image as for one."""
+    model = graphs.tiny()
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(model, tmp_path / "one.onnx")
+    x = np.random.default_rng(0).standard_normal((3, 8, 6, 6)).astype(np.float32)
+    np.save(tmp_path / "three.npy", x)
+    inputs = ["--inputs", tmp_path / "three.npy"]
+    code, out, err = run("convert", tmp_path / "one.onnx", *inputs, "--json", "-", "-q")
+    assert code == 0, err
+    report = json.loads(out)
+    assert "x [3, 8, 6, 6]" in report["inputs"]
+    assert report["totals"]["baseline_flops"] == 2 * 6 * 6 * 9 * 8 * 2
+    code, _, err = run("verify", tmp_path / "one.onnx", tmp_path / "one.haste.onnx", *inputs)
+    assert code == 0, err
+    np.save(tmp_path / "bad.npy", x[:, :4])
+    code, _, err = run("convert", tmp_path / "one.onnx", "--inputs", tmp_path / "bad.npy")
+    assert code == 2 and "[3, 4, 6, 6] does not fit the model's [1, 8, 6, 6]" in err
+
+
 def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
     (tmp_path / "text.onnx").write_text("this is not a model")
     full = EXAMPLE.read_bytes()

@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import haste_onnx
-from haste_onnx import flops, opdef, report
+from haste_onnx import flops, opdef, report, runtime
 from haste_onnx.errors import InputError
 from haste_onnx.passes.fold import fold_batchnorm, fold_constant_inputs
 from haste_onnx.passes.rewrite import HasteOptions, decide, rewrite
@@ -690,3 +690,16 @@ def test_the_suggested_min_cosine_passes_what_failed():
     failures = _output_failures([result], Tolerances(min_cosine=0.95))
     assert len(failures) == 1 and "(--min-cosine 0.9499 would pass)" in failures[0], failures
     assert _output_failures([result], Tolerances(min_cosine=0.9499)) == []
+
+
+def test_runs_take_the_batches_of_a_fixed_first_dimension_one_at_a_time():
+    model = graphs.tiny()
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    session = runtime.quiet_session(model, custom_ops=False)
+    x = np.random.default_rng(0).standard_normal((3, 8, 6, 6)).astype(np.float32)
+    (y,) = runtime.run(session, None, {"x": x})
+    one_by_one = [session.run(None, {"x": x[i : i + 1]})[0] for i in range(3)]
+    np.testing.assert_array_equal(y, np.concatenate(one_by_one))
+    with pytest.raises(Exception, match="invalid dimensions"):  # onnxruntime still checks sizes
+        runtime.run(session, None, {"x": x[:, :4]})
