@@ -359,6 +359,18 @@ def with_anchors(seed: int = 17) -> onnx.ModelProto:
     return model
 
 
+def squeeze_excitation(seed: int = 18) -> onnx.ModelProto:
+    """A 3x3 Conv, then a squeeze-and-excitation block (EfficientNet's): global pooling, 1x1
+    Convs 32 -> 16 -> 32 on the 1x1 map, a Sigmoid scaling the Conv's output. H and W are
+    dynamic: the map after the pooling is 1x1 whatever they are."""
+    n = Net(seed, channels=32, size="S")
+    x = n.conv("x", 32, 32, name="conv")
+    pooled = n.op("GlobalAveragePool", x)
+    squeezed = n.op("Relu", n.conv(pooled, 32, 16, k=1, name="squeeze"))
+    gate = n.op("Sigmoid", n.conv(squeezed, 16, 32, k=1, name="expand"))
+    return n.model(n.op("Mul", x, gate), ["N", 32, "S", "S"])
+
+
 def overridable_shape(seed: int = 12) -> onnx.ModelProto:
     """x [2, 4096] reshaped by ``target``, an initializer that is also a graph input (a feed may
     override it: [-1, 16, 16, 16] by default), into a 3x3 Conv; its output's height then

@@ -703,3 +703,16 @@ def test_runs_take_the_batches_of_a_fixed_first_dimension_one_at_a_time():
     np.testing.assert_array_equal(y, np.concatenate(one_by_one))
     with pytest.raises(Exception, match="invalid dimensions"):  # onnxruntime still checks sizes
         runtime.run(session, None, {"x": x[:, :4]})
+
+
+def test_convs_on_a_one_pixel_map_are_left_as_conv():
+    """A squeeze-and-excitation block's 1x1 Convs run on the 1x1 map of a global pooling: a
+    patch there is one pixel and padding, and hashing it costs more than the Conv."""
+    model = graphs.squeeze_excitation()
+    _, decisions = decide(model, HasteOptions())
+    reasons = {d.name: d.reason for d in decisions}
+    assert reasons["conv"] == ""
+    for name in ("squeeze", "expand"):
+        assert "its input is a 1x1 map (after a global pooling)" in reasons[name]
+    _, decisions = decide(model, HasteOptions(include=("expand",)))  # a policy: --include wins
+    assert [d.name for d in decisions if d.converted] == ["conv", "expand"]

@@ -78,6 +78,7 @@ class ConvSite:
     bias: np.ndarray | None
     bias_missing: bool  # the bias input names a tensor that is not constant
     shortcut: bool = False  # a 1x1 projection shortcut of a residual block
+    one_pixel: bool = False  # its input is a 1x1 map whatever the model's input size
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,7 @@ def _sites(model: onnx.ModelProto) -> list[ConvSite]:
     for n in graph.node:
         for input_name in set(ir.reads(n)):
             users.setdefault(input_name, []).append(n)
+    pixels = _one_pixel_maps(model)
     sites = []
     for index, node in convs:
 
@@ -221,8 +223,27 @@ def _sites(model: onnx.ModelProto) -> list[ConvSite]:
         name = node.name or ir.unique_name(names, f"Conv_{index}({node.output[0]})")
         shortcut = weight is not None and weight.shape[2:] == (1, 1)
         shortcut = shortcut and _projection_shortcut(graph, node, users)
-        sites.append(ConvSite(node, index, name, weight, bias, has_bias and bias is None, shortcut))
+        missing = has_bias and bias is None
+        one_pixel = node.input[0] in pixels
+        sites.append(ConvSite(node, index, name, weight, bias, missing, shortcut, one_pixel))
     return sites
+
+
+def _one_pixel_maps(model: onnx.ModelProto) -> set[str]:
+    """The tensors that shape inference finds to be [N, C, 1, 1], whatever the model's input
+    size: after a global pooling, as the squeeze-and-excitation blocks of EfficientNet and
+    MobileNetV3 have them."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(ir.shapes_only(model))
+    except Exception:  # onnx raises many types; no shapes, no such maps
+        return set()
+    graph = inferred.graph
+    return {
+        value.name
+        for value in [*graph.input, *graph.value_info]
+        if len(dims := value.type.tensor_type.shape.dim) == 4
+        and all(d.HasField("dim_value") and d.dim_value == 1 for d in dims[2:])
+    }
 
 
 _RESAMPLING = frozenset({"Resize", "Upsample", "MaxPool", "AveragePool", "GlobalAveragePool"})
@@ -292,6 +313,11 @@ def decide(
                 reason = f"only {c} input channels (< {options.min_channels}): too few to merge"
             elif site.shortcut:
                 reason = "1x1 projection shortcut of a residual block (left alone, as in the paper)"
+            elif site.one_pixel:
+                reason = (
+                    "its input is a 1x1 map (after a global pooling): a patch holds one pixel "
+                    "and padding, nothing worth merging, and hashing costs more than it saves"
+                )
             elif eligible_seen < options.skip_first:
                 eligible_seen += 1
                 reason = f"among the first {options.skip_first} eligible convs (skip_first)"
