@@ -31,6 +31,7 @@ import re
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -287,6 +288,23 @@ def load_npz(
 # Image folders
 
 
+def _eight_bit(image: Any) -> Any:
+    """A 16-bit grey image scaled to 0..255 (PIL's own conversion clips every value above 255:
+    a 16-bit photograph came out nearly all white); 32-bit integer and float images refused, as
+    their pixel values have no fixed range."""
+    from PIL import Image
+
+    if image.mode.startswith("I;16"):
+        scaled = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
+        return Image.fromarray(np.round(scaled).astype(np.uint8), "L")
+    if image.mode in ("I", "F"):
+        raise ValueError(
+            f"{image.mode} images (32-bit integer or float) have no fixed range of pixel values: "
+            "save them as 8- or 16-bit"
+        )
+    return image
+
+
 def read_images(
     paths: list[Path], mode: str | None = None, size: tuple[int, int] | None = None
 ) -> np.ndarray:
@@ -300,6 +318,7 @@ def read_images(
     for p in paths:
         try:
             with Image.open(p) as im:
+                im = _eight_bit(im)
                 if mode is not None:
                     im = im.convert(mode)
                 elif im.mode not in ("L", "RGB"):

@@ -236,6 +236,21 @@ def test_image_folder_errors(tmp_path):
         ds.load_image_folder(tmp_path / "nope")
 
 
+def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
+    """PIL's own conversion of I;16 to L clips every value above 255 to 255."""
+    from PIL import Image
+
+    grey = np.array([[0, 257, 32896], [65535, 1000, 60000]], np.uint16)
+    Image.fromarray(grey).save(tmp_path / "deep.png")  # uint16: mode I;16
+    (image,) = ds.read_images([tmp_path / "deep.png"])
+    np.testing.assert_array_equal(image[0], np.round(grey / 257.0).astype(np.uint8))
+    (image,) = ds.read_images([tmp_path / "deep.png"], mode="RGB")
+    assert image.shape == (3, 2, 3) and image[0, 1, 0] == 255 and image[2, 0, 1] == 1
+    Image.fromarray(np.ones((2, 2), np.float32)).save(tmp_path / "float.tiff")  # mode F
+    with pytest.raises(ValueError, match="float.tiff: F images .* no fixed range"):
+        ds.read_images([tmp_path / "float.tiff"])
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
