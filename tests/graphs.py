@@ -230,6 +230,21 @@ def constant_node_weights(seed: int = 3) -> onnx.ModelProto:
     return n.model("c2", ["N", 16, 16, 16])
 
 
+def cast_like_bias(seed: int = 19) -> onnx.ModelProto:
+    """A bias of zeros built as PyTorch's exporter does unoptimized (dynamo, optimize=False):
+    Expand(CastLike(0, x), Shape(weight)[:1]), which reads the graph input's type only."""
+    n = Net(seed, channels=16, size=8)
+    w = n.const(n.weight(8, 16, 3), "w")
+    zero = n.op("Constant", value=numpy_helper.from_array(np.array(0.0, np.float64)))
+    like = n.op("CastLike", zero, "x")
+    start, end = (
+        n.op("Constant", value=numpy_helper.from_array(np.array([i], np.int64))) for i in (0, 1)
+    )
+    bias = n.op("Expand", like, n.op("Slice", n.op("Shape", w), start, end))
+    n.nodes.append(helper.make_node("Conv", ["x", w, bias], ["y"], name="conv", pads=[1] * 4))
+    return n.model("y", ["N", 8, 8, 8])
+
+
 def runtime_weight(seed: int = 4) -> onnx.ModelProto:
     """A conv whose weight is computed from the graph input: it must be skipped."""
     n = Net(seed, channels=16, size=8)

@@ -716,3 +716,15 @@ def test_convs_on_a_one_pixel_map_are_left_as_conv():
         assert "its input is a 1x1 map (after a global pooling)" in reasons[name]
     _, decisions = decide(model, HasteOptions(include=("expand",)))  # a policy: --include wins
     assert [d.name for d in decisions if d.converted] == ["conv", "expand"]
+
+
+def test_a_bias_built_from_the_input_s_type_is_folded(tmp_path):
+    """PyTorch's unoptimized export builds every bias from CastLike(0, input): constant, as
+    CastLike reads only the input's type. Before, every Conv was 'bias is computed at run time'."""
+    model = graphs.cast_like_bias()
+    (site,), (decision,) = decide(model, HasteOptions(min_channels=1))
+    assert decision.converted, decision.reason
+    np.testing.assert_array_equal(site.bias, np.zeros(8, np.float32))
+    onnx.save(model, tmp_path / "m.onnx")
+    result = convert(tmp_path / "m.onnx", options=HasteOptions(min_channels=1), write=False)
+    assert result.passed and [p.name for p in result.layers] == ["conv"]

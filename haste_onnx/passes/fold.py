@@ -23,6 +23,7 @@ def fold_constant_inputs(model: onnx.ModelProto, names: set[str]) -> dict[str, n
     G_LOGGER.severity = G_LOGGER.ERROR  # the library prints nothing
     try:
         graph = gs.import_onnx(model)
+        _cast_likes_as_casts(graph)
         graph.fold_constants(error_ok=True)
     finally:
         G_LOGGER.severity = severity
@@ -32,6 +33,29 @@ def fold_constant_inputs(model: onnx.ModelProto, names: set[str]) -> dict[str, n
         for name in names
         if name in tensors and isinstance(tensors[name], gs.Constant)
     }
+
+
+def _cast_likes_as_casts(graph: gs.Graph) -> None:
+    """CastLike(value, like) as Cast(value, to=like's type) where that type is known: CastLike
+    reads only the type of ``like``, which may be a graph input (a bias of zeros that PyTorch's
+    exporter builds as Expand(CastLike(0, input), Shape(weight)) unoptimized), and a graph input
+    would stop the subgraph from folding."""
+    for node in graph.nodes:
+        if (
+            node.op != "CastLike"
+            or node.domain not in (None, "", "ai.onnx")
+            or len(node.inputs) != 2
+        ):
+            continue
+        dtype = node.inputs[1].dtype
+        if dtype is None:
+            continue
+        to = (
+            dtype
+            if isinstance(dtype, int)
+            else onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        )
+        node.op, node.attrs, node.inputs = "Cast", {"to": to}, [node.inputs[0]]
 
 
 def fold_batchnorm(
