@@ -54,8 +54,7 @@ def check_writable(path: Path, what: str = "output") -> None:
         directory = path.parent
         if not directory.is_dir():
             raise InputError(f"{what} directory does not exist: {directory}")
-        folder = real(directory)  # /dev/stdout, /dev/fd/1: links to a file a process has open
-        if folder == Path("/dev") or Path("/proc") in (folder, *folder.parents):
+        if _in_dev_or_proc(path):
             raise InputError(
                 f"{what} path {path} is not a file in a folder but a device or a process's open "
                 "file (it would be replaced, not written to)"
@@ -64,6 +63,20 @@ def check_writable(path: Path, what: str = "output") -> None:
             raise InputError(f"{what} directory is not writable: {directory}")
     except OSError as exc:  # a name too long, a loop of links, a directory that cannot be read
         raise InputError(f"{what} path {path}: {exc.strerror or exc}") from None
+
+
+def _in_dev_or_proc(path: Path) -> bool:
+    """Whether ``path``, or a link on the way from it to a file, lies in /dev or /proc:
+    /dev/stdout and /dev/fd/1, or a link of one's own to /proc/self/fd/1, name a file a process
+    has open (a regular file when stdout is redirected to one), not a place to write a file."""
+    for _ in range(40):  # Linux's own limit on links followed
+        folder = real(path.parent)
+        if folder == Path("/dev") or Path("/proc") in (folder, *folder.parents):
+            return True
+        if not path.is_symlink():
+            return False
+        path = folder / os.readlink(path)
+    return False
 
 
 def real(path: Path) -> Path:

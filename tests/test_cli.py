@@ -845,11 +845,13 @@ def test_a_process_s_open_file_is_refused_not_replaced(example, tmp_path):
     """/dev/stdout redirected to a file links to a regular file, through /proc: as root, the
     link itself in /dev was replaced by the model."""
     with open(tmp_path / "redirected", "w") as held:
-        for path in (f"/dev/fd/{held.fileno()}", f"/proc/self/fd/{held.fileno()}"):
+        own = tmp_path / "my_stdout"  # a link of one's own to it: replaced before
+        own.symlink_to(f"/proc/self/fd/{held.fileno()}")
+        for path in (f"/dev/fd/{held.fileno()}", f"/proc/self/fd/{held.fileno()}", own):
             for option in ("-o", "--json", "--plot"):
                 code, _, err = run("convert", example, option, path)
                 assert code == 2 and "a device or a process's open file" in err, err
-    assert (tmp_path / "redirected").stat().st_size == 0
+    assert (tmp_path / "redirected").stat().st_size == 0 and own.is_symlink()
     assert not (tmp_path / "example.haste.onnx").exists()
 
 
