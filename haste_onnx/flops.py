@@ -107,7 +107,38 @@ def static_shapes(
             shapes[value.name] = [d.dim_value for d in dims]
     for t in graph.initializer:
         shapes[t.name] = list(t.dims)
+    counted = [n for n in model.graph.node if n.op_type in COUNTED and n.domain in ("", "ai.onnx")]
+    missing = [name for n in counted for name in (n.input[0], n.output[0]) if name not in shapes]
+    if missing and all(i.name in input_shapes for i in ir.graph_inputs(model)):
+        shapes.update(_shapes_of_a_run(model, input_shapes, missing))
     return shapes
+
+
+COUNTED = ("Conv", "Gemm", "MatMul")
+"""The nodes whose FLOPs the reports count."""
+
+
+def _shapes_of_a_run(
+    model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], names: list[str]
+) -> dict[str, list[int]]:
+    """The shapes of tensors ``names`` in a run of the model on zeros: where shape inference
+    cannot follow the graph (a shape computed by an op it does not propagate, as in the channel
+    shuffle of a legacy-exported ShuffleNet), onnxruntime can. Nothing if the run fails."""
+    from haste_onnx import runtime  # onnxruntime only where inference falls short
+
+    feeds = {
+        i.name: np.zeros(
+            input_shapes[i.name],
+            onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type),
+        )
+        for i in ir.graph_inputs(model)
+    }
+    try:
+        session = runtime.quiet_session(ir.with_outputs(model, names), custom_ops=False)
+        wanted = [o.name for o in session.get_outputs() if o.name in set(names)]
+        return {k: list(v.shape) for k, v in zip(wanted, runtime.run(session, wanted, feeds))}
+    except Exception:  # onnxruntime's own errors: the counts stay unknown, as before
+        return {}
 
 
 def node_flops(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> float | None:

@@ -156,7 +156,7 @@ def build(
     skipped, other, uncounted = [], 0.0, []
     conv_index = 0
     for index, node in enumerate(original.graph.node):
-        if node.op_type not in ("Conv", "Gemm", "MatMul") or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in flops.COUNTED or node.domain not in ("", "ai.onnx"):
             continue
         count = flops.node_flops(node, shapes)
         per_image = None if count is None else count / batch
@@ -174,7 +174,7 @@ def build(
     nested = [  # neither converted nor counted: the rewrite and the FLOPs see the main graph
         f"{op} inside {node.op_type} {node.name or node.output[0]!r}"
         for node in original.graph.node
-        for op in sorted(ir.inner_op_types(node) & {"Conv", "Gemm", "MatMul"})
+        for op in sorted(ir.inner_op_types(node) & set(flops.COUNTED))
     ]
     return FlopsReport(inputs, layers, skipped, other, uncounted, nested)
 

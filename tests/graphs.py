@@ -386,6 +386,18 @@ def squeeze_excitation(seed: int = 18) -> onnx.ModelProto:
     return n.model(n.op("Mul", x, gate), ["N", 32, "S", "S"])
 
 
+def shape_inference_blind(seed: int = 20) -> onnx.ModelProto:
+    """A Conv after a Reshape to a shape computed by Max, which onnx's shape inference does not
+    follow (as the channel shuffle of a legacy-exported ShuffleNet): its shapes are unknown to
+    inference, known to a run. All sizes fixed."""
+    n = Net(seed, channels=8, size=6)
+    n.input_shape = [2, 8, 6, 6]
+    first = n.conv("x", 8, 8, name="first")
+    shape = n.op("Shape", first)
+    second = n.conv(n.op("Reshape", first, n.op("Max", shape, shape)), 8, 8, name="second")
+    return n.model(n.op("Relu", second), [2, 8, 6, 6])  # its output is no graph output
+
+
 def overridable_shape(seed: int = 12) -> onnx.ModelProto:
     """x [2, 4096] reshaped by ``target``, an initializer that is also a graph input (a feed may
     override it: [-1, 16, 16, 16] by default), into a 3x3 Conv; its output's height then

@@ -167,6 +167,16 @@ def test_flops_per_image_are_divided_by_the_batch_of_the_image_input(tmp_path):
         assert totals["baseline_flops"] == conv, command
 
 
+def test_flops_shape_inference_cannot_follow_are_counted_from_a_run(tmp_path):
+    """Every size is fixed, but inference loses the second Conv's shapes: before, inspect left
+    it out ('?') and asked for --dim sizes the model does not have."""
+    onnx.save(graphs.shape_inference_blind(), tmp_path / "blind.onnx")
+    code, out, err = run("inspect", tmp_path / "blind.onnx", "--json", "-")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["uncounted"] == [] and report["baseline_flops"] == 2 * 2 * 6 * 6 * 9 * 8 * 8
+
+
 def test_inspect_says_when_a_weight_is_computed_at_run_time(tmp_path):
     onnx.save(graphs.runtime_weight(), tmp_path / "dynamic.onnx")
     code, out, err = run("inspect", tmp_path / "dynamic.onnx")
