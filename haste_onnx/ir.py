@@ -182,13 +182,18 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in constants]
 
 
-def constant_value(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
-    """The value of ``name`` when it is an initializer or the output of a Constant node."""
+def constant_value(graph: onnx.GraphProto, name: str, links: int = 16) -> np.ndarray | None:
+    """The value of ``name`` when it is an initializer or the output of a Constant node, or of
+    an Identity of one (PyTorch's exporter shares equal parameters through Identity nodes)."""
     for t in graph.initializer:
         if t.name == name:
             return numpy_helper.to_array(t)
     for node in graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and name in node.output:
+        if node.domain not in ("", "ai.onnx") or name not in node.output:
+            continue
+        if node.op_type == "Identity" and links > 0:
+            return constant_value(graph, node.input[0], links - 1)
+        if node.op_type == "Constant":
             attr = node.attribute[0]
             if attr.name == "value":
                 return numpy_helper.to_array(attr.t)

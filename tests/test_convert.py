@@ -728,3 +728,21 @@ def test_a_bias_built_from_the_input_s_type_is_folded(tmp_path):
     onnx.save(model, tmp_path / "m.onnx")
     result = convert(tmp_path / "m.onnx", options=HasteOptions(min_channels=1), write=False)
     assert result.passed and [p.name for p in result.layers] == ["conv"]
+
+
+def test_batchnorm_parameters_shared_through_identity_nodes_are_folded(tmp_path):
+    """PyTorch's exporter (without constant folding) shares equal parameters through Identity
+    nodes: the BatchNormalizations were left unfolded and their Relus unfused, without a word."""
+    model = graphs.resnet_like()
+    graph = model.graph
+    for node in [n for n in graph.node if n.op_type == "BatchNormalization"]:
+        for i in range(1, 5):
+            shared = f"{node.input[i]}.shared"
+            graph.node.insert(0, helper.make_node("Identity", [node.input[i]], [shared]))
+            node.input[i] = shared
+    result = convert(save(model, tmp_path), tmp_path / "out.onnx")
+    assert result.passed, result.verification.failures
+    plans = {p.name: p for p in result.layers}
+    assert plans["block0.conv1"].fused_batchnorm and plans["block0.conv1"].fused_relu
+    types = [n.op_type for n in onnx.load(tmp_path / "out.onnx").graph.node]
+    assert types.count("BatchNormalization") == 3  # stem and the two strided convs keep theirs
