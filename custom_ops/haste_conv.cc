@@ -122,7 +122,9 @@ PixelGroups SplitPixels(int64_t tile) {
   return {groups, (total + groups - 1) / groups};
 }
 
-Geometry MakeGeometry(const Shape& x, const Shape& w, const HasteConvAttributes& attrs) {
+// `lanes`: the width W is packed in (FilterLanes, when the session was created).
+Geometry MakeGeometry(const Shape& x, const Shape& w, const HasteConvAttributes& attrs,
+                      int64_t lanes) {
   if (x.size() != 4) Fail("X must be 4-D [N, C, H, W], got shape " + ToString(x));
   if (w.size() != 4) Fail("W must be 4-D [M, C, K, K], got shape " + ToString(w));
   if (x[1] < 1 || w[0] < 1) {
@@ -177,7 +179,7 @@ Geometry MakeGeometry(const Shape& x, const Shape& w, const HasteConvAttributes&
   mul(mul(g.c, g.patch), add(mul(g.tiles_x, g.tile), g.k - 1));
   const int64_t p2 = mul(g.patch, g.patch), taps = mul(g.k, g.k);
   mul(p2, kHashBlock);
-  mul(mul(add(g.m, FilterLanes() - 1), g.c), taps);
+  mul(mul(add(g.m, lanes - 1), g.c), taps);
   const PixelGroups split = SplitPixels(g.tile);  // T <= kMaxTile: T*T is small
   const int64_t per_bucket = std::max(p2, mul(mul(split.groups, taps), split.pixels));
   mul(mul(g.tiles_x, g.c), per_bucket);
@@ -1340,6 +1342,7 @@ OrtStatusPtr HasteConvOp::CreateKernelV2(const OrtApi& api, const OrtKernelInfo*
     const HasteConvAttributes attrs = ReadAttributes(kernel_info);
     // W is packed here, once, if it is a constant initializer of the right type and rank; any
     // other W is packed (or refused with a message) by each run.
+    const int64_t lanes = FilterLanes();  // the kernel's width, chosen now for every run
     PackedFilters packed;
     int is_constant = 0;
     const Ort::ConstValue w = kernel_info.GetTensorConstantInput(1, &is_constant);
@@ -1348,10 +1351,10 @@ OrtStatusPtr HasteConvOp::CreateKernelV2(const OrtApi& api, const OrtKernelInfo*
       const Shape w_shape = w_info.GetShape();
       if (w_info.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && w_shape.size() == 4 &&
           *std::min_element(w_shape.begin(), w_shape.end()) >= 1) {
-        packed = PackFilters(w.GetTensorData<float>(), w_shape, FilterLanes());
+        packed = PackFilters(w.GetTensorData<float>(), w_shape, lanes);
       }
     }
-    *kernel = new HasteConvKernel(attrs, std::move(packed));
+    *kernel = new HasteConvKernel(attrs, lanes, std::move(packed));
     return nullptr;
   } catch (...) {
     return ToStatus(api);
@@ -1372,7 +1375,7 @@ void HasteConvKernel::Compute(const Ort::KernelContext& context) const {
                         bias = context.GetInput(2), planes = context.GetInput(3);
   const Shape x_shape = FloatShape(x, "X"), w_shape = FloatShape(w, "W"),
               planes_shape = FloatShape(planes, "planes");
-  const Geometry g = MakeGeometry(x_shape, w_shape, attrs_);
+  const Geometry g = MakeGeometry(x_shape, w_shape, attrs_, lanes_);
   const int64_t p2 = g.patch * g.patch;
   if (planes_shape.size() != 2 || planes_shape[1] != p2) {
     Fail("planes must be [L, P*P] = [L, " + std::to_string(p2) + "] for kernel " +
@@ -1405,7 +1408,7 @@ void HasteConvKernel::Compute(const Ort::KernelContext& context) const {
   PackedFilters packed_now;
   const PackedFilters* packed = &packed_;
   if (packed_.w_shape != w_shape) {
-    packed_now = PackFilters(w.GetTensorData<float>(), w_shape, FilterLanes());
+    packed_now = PackFilters(w.GetTensorData<float>(), w_shape, lanes_);
     packed = &packed_now;
   }
 
@@ -1446,12 +1449,12 @@ extern "C" int HasteConvTileCodes(const float* x, const int64_t* x_shape, const 
     attrs.tile = tile;
     std::copy(pads, pads + 4, attrs.pads.begin());
     const Shape xs(x_shape, x_shape + 4);
-    const Geometry g = MakeGeometry(xs, {1, xs[1], kernel, kernel}, attrs);
+    const int64_t lanes = FilterLanes();  // the hashing of the kernel a session would run
+    const Geometry g = MakeGeometry(xs, {1, xs[1], kernel, kernel}, attrs, lanes);
     const int64_t p2 = g.patch * g.patch;
     std::vector<float> band(g.c * g.patch * BandWidth(g)), patch(g.c * p2);
     const SparsePlanes sparse_planes(planes, num_planes, p2);
     std::vector<double> sum(p2), centered(p2 * kHashBlock);
-    const int64_t lanes = FilterLanes();  // the hashing of the kernel a session would run
     for (int64_t n = 0; n < g.n; ++n) {
       for (int64_t ty = 0; ty < g.tiles_y; ++ty) {
         FillBand(g, x + n * g.c * g.h * g.w, ty, band.data());

@@ -79,11 +79,11 @@ PackedFilters PackFilters(const float* w, const std::vector<int64_t>& w_shape, i
 
 class HasteConvKernel {
  public:
-  // packed: W packed once when the session was created, if W is a constant initializer; left
-  // empty otherwise, and W is then packed on every run. Never changed after construction, so
-  // concurrent runs only read it.
-  HasteConvKernel(const HasteConvAttributes& attrs, PackedFilters packed)
-      : attrs_(attrs), packed_(std::move(packed)) {}
+  // lanes: the kernel's width, FilterLanes() when the session was created. packed: W packed
+  // then, `lanes` wide, if W is a constant initializer; left empty otherwise, and W is then
+  // packed on every run. Never changed after construction, so concurrent runs only read it.
+  HasteConvKernel(const HasteConvAttributes& attrs, int64_t lanes, PackedFilters packed)
+      : attrs_(attrs), lanes_(lanes), packed_(std::move(packed)) {}
 
   // Never throws: every error becomes a status whose message starts with "HasteConv:".
   OrtStatusPtr ComputeV2(OrtKernelContext* context) const;
@@ -92,6 +92,7 @@ class HasteConvKernel {
   void Compute(const Ort::KernelContext& context) const;
 
   const HasteConvAttributes attrs_;
+  const int64_t lanes_;  // FilterLanes() when the session was created: HASTE_ONNX_ISA read once
   const PackedFilters packed_;
 };
 

@@ -625,10 +625,15 @@ def test_the_kernel_is_the_widest_the_cpu_has_within_haste_onnx_isa(monkeypatch)
 
 
 def test_an_unknown_isa_fails_when_the_session_is_created(monkeypatch) -> None:
-    monkeypatch.setenv("HASTE_ONNX_ISA", "avx1024")
+    """And only then: a session made before keeps the kernel it chose, whatever the variable
+    holds later (it was read again on every run)."""
     model = haste_model(_W, np.ones((2, 25), np.float32))
+    made = session(model, 1)
+    expected = made.run(None, {"X": _X})[0]
+    monkeypatch.setenv("HASTE_ONNX_ISA", "avx1024")
     with pytest.raises(ORT_ERRORS, match="HASTE_ONNX_ISA must be avx512, avx2 or portable"):
         run(model, _X)
+    np.testing.assert_array_equal(made.run(None, {"X": _X})[0], expected)
 
 
 # --- the Python side --------------------------------------------------------------------------
