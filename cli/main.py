@@ -678,8 +678,13 @@ def inspect(model: Path, **kw: Any) -> None:
         f"(Conv, Gemm, MatMul{f'; without {len(unknown)} of unknown shape' if unknown else ''}), "
         f"{sum(d.converted for d in result.decisions)} of {len(result.decisions)} convs eligible"
     )
-    if unknown:
+    if unknown and result.unsized:
         lines.append("to count them, give the inputs' dynamic sizes (--dim NAME=SIZE)")
+    elif unknown:
+        ran_on = "these inputs" if kw.get("inputs") else "zeros"
+        lines.append(
+            f"their shapes are beyond shape inference, and a run of the model on {ran_on} failed"
+        )
     if result.flops.nested:
         lines.append(f"neither converted nor counted: {', '.join(result.flops.nested)}")
     with Staging() as staging:  # the JSON first: what is written does not depend on stdout

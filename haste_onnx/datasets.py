@@ -294,7 +294,8 @@ def _eight_bit(image: Any) -> Any:
     their pixel values have no fixed range."""
     from PIL import Image
 
-    if image.mode.startswith("I;16"):
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):
+        # (Pillow before 10.4 reads a 16-bit PNG as I: PNG has no 32-bit grey)
         scaled = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
         return Image.fromarray(np.round(scaled).astype(np.uint8), "L")
     if image.mode in ("I", "F"):

@@ -10,6 +10,7 @@ one addition each for planes of -1, 0 and +1, a multiply-add (two) each for dens
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,10 +88,13 @@ def haste_flops(
 
 
 def static_shapes(
-    model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
+    model: onnx.ModelProto,
+    input_shapes: dict[str, tuple[int, ...]],
+    feeds: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, list[int]]:
     """Every tensor's shape with the graph inputs fixed to ``input_shapes`` (shape inference, on
-    the model without its weights: a model past 2 GB cannot be serialized for it)."""
+    the model without its weights: a model past 2 GB cannot be serialized for it); where that
+    leaves a counted node's shapes unknown, from a run on ``feeds`` (zeros if none)."""
     fixed = ir.shapes_only(model)
     for value in fixed.graph.input:
         if value.name in input_shapes:
@@ -109,8 +113,8 @@ def static_shapes(
         shapes[t.name] = list(t.dims)
     counted = [n for n in model.graph.node if n.op_type in COUNTED and n.domain in ("", "ai.onnx")]
     missing = [name for n in counted for name in (n.input[0], n.output[0]) if name not in shapes]
-    if missing and all(i.name in input_shapes for i in ir.graph_inputs(model)):
-        shapes.update(_shapes_of_a_run(model, input_shapes, missing))
+    if missing:
+        shapes.update(_shapes_of_a_run(model, input_shapes, missing, feeds))
     return shapes
 
 
@@ -119,25 +123,36 @@ COUNTED = ("Conv", "Gemm", "MatMul")
 
 
 def _shapes_of_a_run(
-    model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], names: list[str]
+    model: onnx.ModelProto,
+    input_shapes: dict[str, tuple[int, ...]],
+    names: list[str],
+    feeds: Mapping[str, np.ndarray] | None,
 ) -> dict[str, list[int]]:
-    """The shapes of tensors ``names`` in a run of the model on zeros: where shape inference
-    cannot follow the graph (a shape computed by an op it does not propagate, as in the channel
-    shuffle of a legacy-exported ShuffleNet), onnxruntime can. Nothing if the run fails."""
+    """The shapes of tensors ``names`` in a run of the model on ``feeds``, or on zeros of
+    ``input_shapes``: where shape inference cannot follow the graph (a shape computed by an op
+    it does not propagate, as in the channel shuffle of a legacy-exported ShuffleNet),
+    onnxruntime can. Nothing if an input's size is unknown, an input is not a tensor, or the
+    run fails."""
     from haste_onnx import runtime  # onnxruntime only where inference falls short
 
-    feeds = {
-        i.name: np.zeros(
-            input_shapes[i.name],
-            onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type),
-        )
-        for i in ir.graph_inputs(model)
-    }
     try:
+        if feeds is None:
+            feeds = {
+                i.name: np.zeros(
+                    input_shapes[i.name],
+                    onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type),
+                )
+                for i in ir.graph_inputs(model)
+            }
         session = runtime.quiet_session(ir.with_outputs(model, names), custom_ops=False)
         wanted = [o.name for o in session.get_outputs() if o.name in set(names)]
-        return {k: list(v.shape) for k, v in zip(wanted, runtime.run(session, wanted, feeds))}
-    except Exception:  # onnxruntime's own errors: the counts stay unknown, as before
+        one_run = {  # the inputs of one run: a model of fixed batch takes several in turn
+            k: v[: input_shapes[k][0]] if k in input_shapes and v.ndim else v
+            for k, v in feeds.items()
+        }
+        results = session.run(wanted, one_run)
+        return {k: list(v.shape) for k, v in zip(wanted, results)}
+    except Exception:  # a size unknown (KeyError), not a tensor, onnxruntime's own errors
         return {}
 
 

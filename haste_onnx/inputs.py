@@ -50,12 +50,17 @@ def fits(value: onnx.ValueInfoProto, shape: tuple[int, ...], first_axis: int = 0
     )
 
 
-def _batches_of(value: onnx.ValueInfoProto, shape: tuple[int, ...]) -> bool:
-    """Whether an array of ``shape`` holds several batches of an input whose first dimension is
-    fixed (a model exported for one image): run one at a time (runtime.run)."""
+def _fixed_batch(value: onnx.ValueInfoProto) -> int:
+    """The fixed first dimension of a 4-D (image) input, a batch: 0 if it has none."""
     dims = value.type.tensor_type.shape.dim
-    first = dims[0].dim_value if dims and dims[0].HasField("dim_value") else 0
-    return first > 0 and len(shape) > 0 and shape[0] % first == 0 and fits(value, shape, 1)
+    return dims[0].dim_value if len(dims) == 4 and dims[0].HasField("dim_value") else 0
+
+
+def _batches_of(value: onnx.ValueInfoProto, shape: tuple[int, ...]) -> bool:
+    """Whether an array of ``shape`` holds several batches of an image input whose batch is
+    fixed (a model exported for one image): run one at a time (runtime.run)."""
+    first = _fixed_batch(value)
+    return first > 0 and shape[0] % first == 0 and fits(value, shape, 1)
 
 
 def run_shapes(
@@ -65,10 +70,9 @@ def run_shapes(
     arrays hold several batches of it."""
     shapes = {name: tuple(array.shape) for name, array in arrays.items()}
     for value in ir.graph_inputs(model):
-        dims = value.type.tensor_type.shape.dim
         shape = shapes.get(value.name)
-        if shape and dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-            shapes[value.name] = (dims[0].dim_value, *shape[1:])
+        if shape and (batch := _fixed_batch(value)):
+            shapes[value.name] = (batch, *shape[1:])
     return shapes
 
 
@@ -214,9 +218,15 @@ def user_feeds(
     for value in inputs:
         arrays[value.name] = array = _as_input(value, arrays[value.name])
         if not (fits(value, array.shape) or _batches_of(value, array.shape)):
+            batch = _fixed_batch(value)
+            hint = (
+                f" (exported for a batch of {batch}, it takes a multiple of {batch} images)"
+                if batch > 1 and fits(value, array.shape, 1)
+                else ""
+            )
             raise InputError(
                 f"input {value.name!r}: array of shape {list(array.shape)} does not "
-                f"fit the model's {declared_shape(value)}"
+                f"fit the model's {declared_shape(value)}{hint}"
             )
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items())
     return Feeds(arrays, f"user inputs from {source}: {shapes}")

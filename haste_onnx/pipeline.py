@@ -67,6 +67,7 @@ class ConversionResult:
 class Inspection:
     decisions: list[ConvDecision]
     flops: report.FlopsReport  # baseline only: nothing is converted
+    unsized: list[str] = dataclasses.field(default_factory=list)  # inputs of dynamic size not given
 
 
 def default_output(path: Path) -> Path:
@@ -194,7 +195,14 @@ def convert(
     )
     shapes = inputs.run_shapes(original, feeds.arrays)
     flops_report = report.build(
-        original, decisions, plans, verification.layers, shapes, feeds.description, time_ratios
+        original,
+        decisions,
+        plans,
+        verification.layers,
+        shapes,
+        feeds.description,
+        time_ratios,
+        feeds.arrays,
     )
     result = ConversionResult(
         converted,
@@ -233,9 +241,12 @@ def inspect(
     if not decisions:
         raise _no_conv(model, Path(source))
     verify_options = verify_options or VerifyOptions()
+    arrays = None  # the user's inputs, if any: a run on them gives shapes inference cannot
+    unsized: list[str] = []
     if verify_options.inputs is not None:
         feeds = make_feeds(model, verify_options)
-        shapes = inputs.run_shapes(model, feeds.arrays)
+        arrays = feeds.arrays
+        shapes = inputs.run_shapes(model, arrays)
         description = feeds.description
     else:
         inputs.check_dims(model, verify_options.dims)
@@ -246,10 +257,10 @@ def inspect(
                     value, verify_options.batch, verify_options.dims
                 )
             except InputError:  # a dynamic size not given: FLOPs that depend on it are unknown
-                continue
+                unsized.append(value.name)
         description = "input shapes: " + ", ".join(f"{k} {list(v)}" for k, v in shapes.items())
-    flops_report = report.build(model, decisions, [], [], shapes, description)
-    return Inspection(decisions, flops_report)
+    flops_report = report.build(model, decisions, [], [], shapes, description, feeds=arrays)
+    return Inspection(decisions, flops_report, unsized)
 
 
 @dataclass(frozen=True)
@@ -311,6 +322,13 @@ def verify_pair(
     ]
     shapes = inputs.run_shapes(original, feeds.arrays)
     flops_report = report.build(
-        original, decisions, plans, verification.layers, shapes, feeds.description
+        original,
+        decisions,
+        plans,
+        verification.layers,
+        shapes,
+        feeds.description,
+        None,
+        feeds.arrays,
     )
     return PairResult(plans, verification, flops_report)

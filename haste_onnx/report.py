@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from haste_onnx import flops, ir
@@ -100,10 +101,10 @@ class FlopsReport:
 
 def _batch(input_shapes: dict[str, tuple[int, ...]]) -> int:
     """The images per run that FLOPs are divided by: the first dimension of the first 4-D graph
-    input (a CNN's [N, C, H, W]), else of the first input that has one; not the largest of all
-    inputs, which may be anchors [1000, 4] or, exported without their values, weights."""
-    shapes = [shape for shape in input_shapes.values() if shape]
-    first = next((shape for shape in shapes if len(shape) == 4), shapes[0] if shapes else (1,))
+    input (a CNN's [N, C, H, W]), else 1; not the largest first dimension of all inputs, which
+    may be anchors [1000, 4] or, exported without their values, weights, nor that of an input
+    without a batch axis ([C, H, W])."""
+    first = next((shape for shape in input_shapes.values() if len(shape) == 4), (1,))
     return first[0] or 1
 
 
@@ -115,10 +116,12 @@ def build(
     input_shapes: dict[str, tuple[int, ...]],
     inputs: str,
     time_ratios: Mapping[str, float] | None = None,
+    feeds: Mapping[str, np.ndarray] | None = None,
 ) -> FlopsReport:
-    """Assemble the report from the rewrite's decisions and the verification's measurements."""
+    """Assemble the report from the rewrite's decisions and the verification's measurements
+    (``feeds``: the inputs they ran on, for shapes that shape inference cannot follow)."""
     batch = _batch(input_shapes)
-    shapes = flops.static_shapes(original, input_shapes)
+    shapes = flops.static_shapes(original, input_shapes, feeds)
     run_by_name = {r.name: r for r in runs}
     layers = []
     for plan in plans:

@@ -117,28 +117,32 @@ def run(
     session: ort.InferenceSession, names: Sequence[str] | None, feeds: dict[str, np.ndarray]
 ) -> list[np.ndarray]:
     """``session.run``, also where the feeds hold several of the batches a fixed first dimension
-    takes (a model exported for one image, fed several): then batch after batch, the outputs
-    joined on their first axis."""
-    fixed = {
-        i.name: i.shape[0]
-        for i in session.get_inputs()
-        if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0
-    }
+    of a 4-D (image) input takes (a model exported for one image, fed several): then batch after
+    batch, each 4-D input cut into as many equal parts, the others fed whole every time, and the
+    outputs joined on their first axis."""
+    images = {i.name: i.shape[0] for i in session.get_inputs() if len(i.shape) == 4}
+    images = {k: v for k, v in images.items() if k in feeds and feeds[k].ndim == 4}
     counts = {
         feeds[name].shape[0] // size
-        for name, size in fixed.items()
-        if name in feeds and feeds[name].ndim and feeds[name].shape[0] % size == 0
+        for name, size in images.items()
+        if isinstance(size, int) and size > 0 and feeds[name].shape[0] % size == 0
     }
     if len(counts) != 1 or (count := counts.pop()) <= 1:
         return session.run(names, feeds)
+    if any(feeds[name].shape[0] % count for name in images):
+        sizes = ", ".join(f"{name} {feeds[name].shape[0]}" for name in images)
+        raise InputError(
+            f"the model takes these inputs in {count} batches, and not every image input holds "
+            f"a multiple of {count} images ({sizes})"
+        )
 
-    def batch(name: str, array: np.ndarray, i: int) -> np.ndarray:
-        size = fixed.get(name)
-        return array if size is None else array[i * size : (i + 1) * size]
+    def part(name: str, array: np.ndarray, i: int) -> np.ndarray:
+        if name not in images:
+            return array
+        size = array.shape[0] // count
+        return array[i * size : (i + 1) * size]
 
-    parts = [
-        session.run(names, {k: batch(k, v, i) for k, v in feeds.items()}) for i in range(count)
-    ]
+    parts = [session.run(names, {k: part(k, v, i) for k, v in feeds.items()}) for i in range(count)]
     if any(p.ndim == 0 for p in parts[0]):
         raise InputError(
             f"the model takes {count} batches of these inputs one at a time, and has an output "

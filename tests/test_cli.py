@@ -20,6 +20,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from haste_onnx.cli.main import main
+from onnx import helper
 
 from haste_onnx import cli, inputs, pipeline, report, staging
 from haste_onnx.errors import InputError
@@ -177,6 +178,30 @@ def test_flops_shape_inference_cannot_follow_are_counted_from_a_run(tmp_path):
     assert report["uncounted"] == [] and report["baseline_flops"] == 2 * 2 * 6 * 6 * 9 * 8 * 8
 
 
+def test_shapes_a_run_cannot_give_are_explained_and_taken_from_the_user_s_inputs(tmp_path):
+    """A model that fails on zeros (an integer divisor): inspect asked for --dim sizes the
+    model does not have; with --inputs it now runs on them."""
+    model = graphs.shape_inference_blind()
+    graph = model.graph
+    reshape = next(n for n in graph.node if n.op_type == "Reshape")
+    graph.node.insert(0, helper.make_node("Div", ["ones", "d"], ["q"]))
+    at = list(graph.node).index(reshape)
+    graph.node.insert(at, helper.make_node("Mul", [reshape.input[1], "q"], ["shape2"]))
+    graph.node[at + 1].input[1] = "shape2"
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array([1], np.int64), "ones"))
+    graph.input.append(helper.make_tensor_value_info("d", onnx.TensorProto.INT64, [1]))
+    onnx.save(model, tmp_path / "div.onnx")
+    code, out, err = run("inspect", tmp_path / "div.onnx")
+    assert code == 0, err
+    assert "a run of the model on zeros failed" in out and "--dim" not in out
+    x = np.random.default_rng(0).standard_normal((2, 8, 6, 6)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=x, d=np.array([1], np.int64))
+    code, out, err = run(
+        "inspect", tmp_path / "div.onnx", "--inputs", tmp_path / "in.npz", "--json", "-"
+    )
+    assert code == 0 and json.loads(out)["uncounted"] == [], err
+
+
 def test_inspect_says_when_a_weight_is_computed_at_run_time(tmp_path):
     onnx.save(graphs.runtime_weight(), tmp_path / "dynamic.onnx")
     code, out, err = run("inspect", tmp_path / "dynamic.onnx")
@@ -233,6 +258,28 @@ def test_a_model_exported_for_one_image_is_checked_on_several(tmp_path):
     np.save(tmp_path / "bad.npy", x[:, :4])
     code, _, err = run("convert", tmp_path / "one.onnx", "--inputs", tmp_path / "bad.npy")
     assert code == 2 and "[3, 4, 6, 6] does not fit the model's [1, 8, 6, 6]" in err
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    onnx.save(model, tmp_path / "two.onnx")
+    code, _, err = run("convert", tmp_path / "two.onnx", *inputs)
+    assert code == 2 and "exported for a batch of 2, it takes a multiple of 2 images" in err
+
+
+def test_a_fixed_first_dimension_is_a_batch_only_for_image_inputs(tmp_path):
+    """[C, H, W] without a batch axis: 2 x C channels are not two batches, and FLOPs are not
+    divided by C."""
+    model = graphs.tiny()
+    x = model.graph.input[0].type.tensor_type.shape
+    del x.dim[0]  # [8, 6, 6]
+    model.graph.node.insert(0, helper.make_node("Unsqueeze", ["chw", "axes"], ["x"]))
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([0]), "axes"))
+    model.graph.input[0].name = "chw"
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(model, tmp_path / "chw.onnx")
+    np.save(tmp_path / "double.npy", np.zeros((16, 6, 6), np.float32))
+    code, _, err = run("convert", tmp_path / "chw.onnx", "--inputs", tmp_path / "double.npy")
+    assert code == 2 and "[16, 6, 6] does not fit the model's [8, 6, 6]" in err, err
+    code, out, err = run("inspect", tmp_path / "chw.onnx", "--json", "-")
+    assert code == 0 and json.loads(out)["baseline_flops"] == 2 * 6 * 6 * 9 * 8 * 2, err
 
 
 def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:

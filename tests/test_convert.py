@@ -705,6 +705,32 @@ def test_runs_take_the_batches_of_a_fixed_first_dimension_one_at_a_time():
         runtime.run(session, None, {"x": x[:, :4]})
 
 
+def test_runs_cut_every_image_input_and_feed_the_others_whole():
+    """A fixed-batch image input beside a dynamic-batch one: both are cut (the dynamic one was
+    fed whole to every run, 4 x 4 rows); a [1] input goes whole to every run."""
+    x = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["s"]), helper.make_node("Mul", ["s", "k"], ["y"])],
+        "mixed",
+        [
+            x("a", onnx.TensorProto.FLOAT, [1, 2, 3, 3]),
+            x("b", onnx.TensorProto.FLOAT, ["N", 2, 3, 3]),
+            x("k", onnx.TensorProto.FLOAT, [1]),
+        ],
+        [x("y", onnx.TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = graphs.IR_VERSION
+    session = runtime.quiet_session(model, custom_ops=False)
+    rng = np.random.default_rng(1)
+    a, b = (rng.standard_normal((4, 2, 3, 3)).astype(np.float32) for _ in range(2))
+    k = np.array([3.0], np.float32)
+    (y,) = runtime.run(session, None, {"a": a, "b": b, "k": k})
+    np.testing.assert_allclose(y, (a + b) * 3.0, rtol=1e-6)
+    with pytest.raises(InputError, match="not every image input holds a multiple of 4 images"):
+        runtime.run(session, None, {"a": a, "b": b[:3], "k": k})
+
+
 def test_convs_on_a_one_pixel_map_are_left_as_conv():
     """A squeeze-and-excitation block's 1x1 Convs run on the 1x1 map of a global pooling: a
     patch there is one pixel and padding, and hashing it costs more than the Conv."""
@@ -746,3 +772,12 @@ def test_batchnorm_parameters_shared_through_identity_nodes_are_folded(tmp_path)
     assert plans["block0.conv1"].fused_batchnorm and plans["block0.conv1"].fused_relu
     types = [n.op_type for n in onnx.load(tmp_path / "out.onnx").graph.node]
     assert types.count("BatchNormalization") == 3  # stem and the two strided convs keep theirs
+
+
+def test_shapes_from_a_run_give_nothing_for_inputs_that_are_not_tensors():
+    """A sequence input: no zeros to make for it (a KeyError traceback from inspect before)."""
+    model = graphs.shape_inference_blind()
+    floats = helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, None)
+    model.graph.input.append(helper.make_value_info("seq", helper.make_sequence_type_proto(floats)))
+    shapes = flops.static_shapes(model, {"x": (2, 8, 6, 6)})
+    assert "first.y" in shapes and "second.y" not in shapes
