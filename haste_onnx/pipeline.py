@@ -193,17 +193,7 @@ def convert(
     verification = verify(
         original, converted, plans, feeds.arrays, feeds.description, tolerances or Tolerances(), say
     )
-    shapes = inputs.run_shapes(original, feeds.arrays)
-    flops_report = report.build(
-        original,
-        decisions,
-        plans,
-        verification.layers,
-        shapes,
-        feeds.description,
-        time_ratios,
-        feeds.arrays,
-    )
+    flops_report = _measured(original, decisions, plans, verification, feeds, time_ratios)
     result = ConversionResult(
         converted,
         decisions,
@@ -226,6 +216,28 @@ def stage(result: ConversionResult, staging: Staging) -> list[Path]:
     """Stage the converted model for its target (:func:`convert` with ``write`` unset), to be
     written with other files by ``staging.commit()``. Returns the files it will write."""
     return ir.stage(result.model, result.target, result.external_data, staging)
+
+
+def _measured(
+    original: onnx.ModelProto,
+    decisions: list[ConvDecision],
+    plans: list[LayerPlan],
+    verification: Verification,
+    feeds: inputs.Feeds,
+    time_ratios: dict[str, float] | None = None,
+) -> report.FlopsReport:
+    """The FLOPs report of a verified conversion, measured on the inputs it ran on."""
+    shapes = inputs.run_shapes(original, feeds.arrays)
+    return report.build(
+        original,
+        decisions,
+        plans,
+        verification.layers,
+        shapes,
+        feeds.description,
+        time_ratios,
+        feeds.arrays,
+    )
 
 
 def inspect(
@@ -320,15 +332,6 @@ def verify_pair(
         )
         for d in decide(original, HasteOptions(min_channels=1))[1]
     ]
-    shapes = inputs.run_shapes(original, feeds.arrays)
-    flops_report = report.build(
-        original,
-        decisions,
-        plans,
-        verification.layers,
-        shapes,
-        feeds.description,
-        None,
-        feeds.arrays,
+    return PairResult(
+        plans, verification, _measured(original, decisions, plans, verification, feeds)
     )
-    return PairResult(plans, verification, flops_report)
