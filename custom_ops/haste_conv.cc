@@ -40,8 +40,8 @@ constexpr bool kProfile = false;
 #endif
 enum Phase { kBand, kGather, kHash, kGroup, kMeans, kConvFull, kConvEdge, kStore, kJob, kPhases };
 // Per filter block: full tiles (3 x 3 outputs), their buckets and the channels merged into
-// another's bucket; tiles cut by the edge of Y and their 8-wide multiply-adds; then jobs and their
-// steady-clock nanoseconds (which calibrate the ticks).
+// another's bucket; tiles cut by the edge of Y and their multiply-adds (of the kernel's width);
+// then jobs and their steady-clock nanoseconds (which calibrate the ticks).
 enum Count {
   kFullTiles,
   kFullBuckets,
