@@ -17,6 +17,7 @@ trained Fashion-MNIST models fed with their real activations, for several tile e
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from haste_onnx.hashing import make_planes
 from haste_onnx.opdef import DEFAULT_TILE, DOMAIN, make_node
 from haste_onnx.passes.rewrite import HasteOptions, rewrite
 from haste_onnx.reference import hash_stats
-from haste_onnx.runtime import make_session
+from haste_onnx.runtime import get_library_path, make_session
 from haste_onnx.speed import interleaved_medians, keep_faster, time_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -456,6 +457,20 @@ def plot(layer_points: Sequence[LayerPoint], real_points: Sequence[RealPoint], p
     print(f"\nplot written to {path}")
 
 
+KERNELS = {16: "AVX-512", 8: "AVX2", 4: "portable"}
+
+
+def kernel_name(library: str) -> str:
+    """The kernel a session with ``library`` runs here: the widest the CPU has, within
+    HASTE_ONNX_ISA (the library's test hook says its width)."""
+    try:
+        lanes = ctypes.CDLL(library).HasteConvLanes
+    except AttributeError:  # a build from before the hook
+        return "unknown"
+    lanes.restype = ctypes.c_int64
+    return KERNELS.get(lanes(), "unknown")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer layers, cases, repetitions")
@@ -478,8 +493,8 @@ def main() -> None:
             parser.error("--plot needs matplotlib")
 
     print(
-        f"onnxruntime {ort.__version__}; ratios are HasteConv time / Conv time, medians of "
-        f"{repeats} interleaved repetitions"
+        f"onnxruntime {ort.__version__}; HasteConv's {kernel_name(get_library_path())} kernel; "
+        f"ratios are HasteConv time / Conv time, medians of {repeats} interleaved repetitions"
     )
     layer_points: list[LayerPoint] = []
     real_points: list[RealPoint] = []

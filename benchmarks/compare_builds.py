@@ -30,7 +30,14 @@ for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np
 import onnx
 import onnxruntime as ort
-from bench_conv import SPARSITY, chosen_layers, measured_r, one_layer_model, session_options
+from bench_conv import (
+    SPARSITY,
+    chosen_layers,
+    kernel_name,
+    measured_r,
+    one_layer_model,
+    session_options,
+)
 
 from haste_onnx.hashing import make_planes
 from haste_onnx.opdef import DEFAULT_TILE
@@ -83,7 +90,7 @@ def main() -> None:
 
     print(f"onnxruntime {ort.__version__}; HasteConv time / Conv time, minimum of")
     print(f"{args.repeats} interleaved samples of thread CPU time, 1 thread, L = 14\n")
-    columns = " | ".join(os.path.basename(lib) for lib in args.libraries)
+    columns = " | ".join(f"{os.path.basename(lib)} ({kernel_name(lib)})" for lib in args.libraries)
     print(f"| layer | r | Conv ms | {columns} | max difference to the first |")
     print("|" + "---|" * (4 + len(args.libraries)))
     for label, x, w, b in chosen_layers(cases, args.layer, args.batch):
