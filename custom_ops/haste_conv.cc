@@ -495,10 +495,9 @@ __attribute__((always_inline)) inline void ConvGroup(const float* in, const int3
 }
 
 // v = *value in every lane, and acc += a * b. With eight (sixteen) lanes, one AVX2 (AVX-512)
-// instruction each, written
-// out: the compiler then keeps every accumulator in its register instead of rotating registers
-// between the FMA forms, and cannot merge broadcasts of one value into a long-lived register (it
-// spills in both cases).
+// instruction each, written out: the compiler then keeps every accumulator in its register
+// instead of rotating registers between the FMA forms, and cannot merge broadcasts of one value
+// into a long-lived register (it spills in both cases).
 template <int kLanes, typename Vec>
 __attribute__((always_inline)) inline void Splat(const float* value, Vec* v) {
 #if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
@@ -1292,8 +1291,12 @@ OrtStatusPtr ToStatus(const OrtApi& api) {
   }
 }
 
-}  // namespace
+// The instruction sets the kernel has code for, narrowest first.
+enum class Isa { kPortable, kAvx2, kAvx512 };
 
+// The widest the environment variable HASTE_ONNX_ISA allows: `avx512` (or unset: no limit),
+// `avx2` or `portable`, to compare the kernels or run a narrower one on a wider CPU. Any other
+// value fails.
 Isa IsaCap() {
   const char* value = std::getenv("HASTE_ONNX_ISA");
   const std::string cap = value ? value : "";
@@ -1303,6 +1306,7 @@ Isa IsaCap() {
   Fail("HASTE_ONNX_ISA must be avx512, avx2 or portable (or unset), got '" + cap + "'");
 }
 
+// The instruction set the kernel uses: the widest this CPU has, within IsaCap().
 Isa KernelIsa() {
 #if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
   static const Isa widest = [] {
@@ -1315,6 +1319,8 @@ Isa KernelIsa() {
   return Isa::kPortable;
 #endif
 }
+
+}  // namespace
 
 int64_t FilterLanes() {
   switch (KernelIsa()) {

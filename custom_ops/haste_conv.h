@@ -59,19 +59,9 @@ struct PackedFilters {
   AlignedVector<float> data;
 };
 
-// The instruction sets the kernel has code for, narrowest first.
-enum class Isa { kPortable, kAvx2, kAvx512 };
-
-// The widest the environment variable HASTE_ONNX_ISA allows: `avx512` (or unset: no limit),
-// `avx2` or `portable`, to compare the kernels or run a narrower one on a wider CPU. Any other
-// value fails.
-Isa IsaCap();
-
-// The instruction set the kernel uses: the widest this CPU has, within IsaCap().
-Isa KernelIsa();
-
-// Output channels per vector register of the kernel this CPU runs (16 with AVX-512, 8 with
-// AVX2 and FMA, else 4).
+// Output channels per vector register of the kernel this CPU runs: 16 with AVX-512, 8 with
+// AVX2 and FMA, else 4, within the cap of the environment variable HASTE_ONNX_ISA (`avx512` or
+// unset: none, `avx2`, `portable`; any other value fails).
 int64_t FilterLanes();
 
 // Packs W [M, C, K, K] (shape w_shape) for `lanes`-wide kernels.
