@@ -145,7 +145,8 @@ def _shapes_of_a_run(
                 for i in ir.graph_inputs(model)
             }
         session = runtime.quiet_session(ir.with_outputs(model, names), custom_ops=False)
-        wanted = [o.name for o in session.get_outputs() if o.name in set(names)]
+        asked = set(names)
+        wanted = [o.name for o in session.get_outputs() if o.name in asked]
         one_run = {  # the inputs of one run: a model of fixed batch takes several in turn
             k: v[: input_shapes[k][0]] if k in input_shapes and v.ndim else v
             for k, v in feeds.items()
