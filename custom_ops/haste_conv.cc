@@ -540,8 +540,8 @@ __attribute__((always_inline)) inline void Unroll(F&& f) {
   UnrollWith(f, std::make_integer_sequence<int, kN>{});
 }
 
-// One bucket's share of a T = 3, K = 3 tile: acc [kRows * kCols] += the 3x3 convolution of its
-// 5x5 (merged) input v with the sum of the filters [9, kLanes] of its `size` channels (kSize of
+// One bucket's share of a T = 3, K = 3 tile: acc [kChains, kRows * kCols] += the 3x3 convolution of
+// its 5x5 (merged) input v with the sum of the filters [9, kLanes] of its `size` channels (kSize of
 // them, or any number when kSize is 0), in one filter block [C, 9, kLanes]. Kernel row by kernel
 // row: the row's three taps, summed over the channels, stay in registers while each input row
 // they meet is broadcast once, element by element, into the FMAs of its outputs, so that every
@@ -550,9 +550,10 @@ __attribute__((always_inline)) inline void Unroll(F&& f) {
 // bucket overlap the arithmetic instead of going first in a loop of their own that waits on the
 // cache (a filter block is larger than L1). The empty asm hides that the rows read for different
 // kernel rows are the same memory: shared, the broadcasts would outlive the registers and spill.
-// Each output sums its taps in the order 0..8, as the reference does; each tap sums its channels
-// in the bucket's order.
-template <int kLanes, int kRows, int kCols, int kSize, typename Reg>
+// Kernel row ky adds into chain ky % kChains of each output (ConvTile3With), so that the kChains
+// sums of an output wait on each other's multiply-adds less; each tap sums its channels in the
+// bucket's order.
+template <int kLanes, int kRows, int kCols, int kChains, int kSize, typename Reg>
 __attribute__((always_inline)) inline void Tile3Bucket(const float* v, const float* filters,
                                                        const int32_t* channel, int32_t size,
                                                        Reg* acc) {
@@ -589,7 +590,8 @@ __attribute__((always_inline)) inline void Tile3Bucket(const float* v, const flo
         Unroll<3>([&](auto kx) __attribute__((always_inline)) {
           constexpr int ox = decltype(j)::value - 2 + decltype(kx)::value;  // kx = 2, 1, 0
           if constexpr (ox >= 0 && ox < kCols) {
-            MultiplyAdd<kLanes>(&acc[oy * kCols + ox], in_j, wk[2 - kx]);
+            constexpr int chain = std::remove_reference_t<decltype(ky)>::value % kChains;
+            MultiplyAdd<kLanes>(&acc[chain * kRows * kCols + oy * kCols + ox], in_j, wk[2 - kx]);
           }
         });
       });
@@ -672,7 +674,10 @@ __attribute__((target("avx512f"), noinline)) void SumLargeBucketsAvx512(
 // Tile3Bucket. The filters of larger buckets are summed before anything else (SumLargeBuckets),
 // where three sums per kernel row would wait on each other and read every filter three times
 // over (ResNet-18's 512 x 2x2 layers, with buckets of hundreds of channels, were 15-20 % slower
-// that way).
+// that way). Each output is summed in up to three chains of multiply-adds, by kernel row, as many
+// as the registers hold beside the taps and a broadcast (16 with AVX2, 32 with AVX-512), then the
+// chains are added: one chain made every multiply-add of an output wait on the one before (4-5 %
+// of the time on the layers measured; docs/speed.md).
 template <int kLanes, int kRows, int kCols>
 __attribute__((always_inline)) inline void ConvTile3With(const float* in, const int32_t* order,
                                                          const int32_t* starts, int64_t buckets,
@@ -698,8 +703,11 @@ __attribute__((always_inline)) inline void ConvTile3With(const float* in, const 
   }
   // Accumulators in registers: a type without may_alias, indexed by constants only (Unroll).
   typedef float Reg __attribute__((vector_size(kLanes * sizeof(float))));
-  Reg acc[kRows * kCols];
-  Unroll<kRows * kCols>([&](auto p) __attribute__((always_inline)) { acc[p] = Reg{}; });
+  constexpr int kOutputs = kRows * kCols;
+  constexpr int kRegisters = kLanes == 16 ? 24 : 9;  // for accumulators; 27 spilled
+  constexpr int kChains = std::max(1, std::min(3, kRegisters / kOutputs));
+  Reg acc[kChains * kOutputs];
+  Unroll<kChains * kOutputs>([&](auto p) __attribute__((always_inline)) { acc[p] = Reg{}; });
   int64_t b = 0;
   auto loop = [&](auto size, int64_t end) __attribute__((always_inline)) {
     // the buckets of `size` channels (any number up to kSumInline if 0) before `end`
@@ -707,8 +715,8 @@ __attribute__((always_inline)) inline void ConvTile3With(const float* in, const 
       if (b + kPrefetch < end) PrefetchFilters(filters, kStride, order, starts, b + kPrefetch);
       ahead.Step();
       const int32_t* channel = order + starts[b];
-      Tile3Bucket<kLanes, kRows, kCols, decltype(size)::value>(in + b * 25, filters, channel,
-                                                               starts[b + 1] - starts[b], acc);
+      Tile3Bucket<kLanes, kRows, kCols, kChains, decltype(size)::value>(
+          in + b * 25, filters, channel, starts[b + 1] - starts[b], acc);
     }
   };
   loop(std::integral_constant<int, 1>{}, large);
@@ -716,11 +724,16 @@ __attribute__((always_inline)) inline void ConvTile3With(const float* in, const 
   loop(std::integral_constant<int, 0>{}, large);
   static constexpr int32_t kFirst[1] = {0};  // a larger bucket's summed filters, as one channel
   for (; b < buckets; ++b) {
-    Tile3Bucket<kLanes, kRows, kCols, 1>(in + b * 25, wsum + (b - large) * kStride, kFirst, 1, acc);
+    Tile3Bucket<kLanes, kRows, kCols, kChains, 1>(in + b * 25, wsum + (b - large) * kStride, kFirst,
+                                                  1, acc);
   }
   const Reg shift = *reinterpret_cast<const Vec*>(bias);
-  Unroll<kRows * kCols>([&](auto p) __attribute__((always_inline)) {
-    const Reg v = acc[p] + shift;
+  Unroll<kOutputs>([&](auto p) __attribute__((always_inline)) {
+    Reg sum = acc[p];
+    Unroll<kChains - 1>([&](auto i) __attribute__((always_inline)) {
+      sum += acc[(decltype(i)::value + 1) * kOutputs + p];
+    });
+    const Reg v = sum + shift;
     reinterpret_cast<Vec*>(out)[p] = relu ? (v < 0.0f ? Reg{} : v) : v;  // NaN stays NaN
   });
 }
