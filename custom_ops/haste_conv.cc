@@ -1069,10 +1069,11 @@ void HashRow(const Job& job, ChunkBuckets& chunk, int64_t row) {
 // Inputs of at most this many floats are laid out at once (a chunk of tile rows, at least one).
 constexpr int64_t kChunkFloats = int64_t{1} << 21;
 // A work item's tile inputs stay under this many floats, so that they stay in L2 while the filter
-// blocks go by; and it covers at most this many filter blocks, so that work items can be shared
-// between threads even when one group holds every row.
+// blocks go by; and it covers the filter blocks of at most this many output channels, so that
+// work items can be shared between threads even when a layer has few groups (with items of 128
+// channels, one group of four rows and one of two were two items: one thread did two thirds).
 constexpr int64_t kGroupFloats = int64_t{48} << 10;
-constexpr int64_t kItemBlocks = 8;
+constexpr int64_t kItemChannels = 32;
 
 // Runs `body(data, index)` for index in [0, count) on onnxruntime's thread pool; a
 // std::bad_alloc in a task fails the job (exceptions must not reach the thread pool).
@@ -1126,7 +1127,8 @@ void RunJob(const Ort::KernelContext& context, Job& job) {
         [](const Job& job, ChunkBuckets& chunk, int64_t row) { HashRow(job, chunk, row); });
     // Groups of consecutive rows whose inputs fit in kGroupFloats, times ranges of filter blocks.
     items.clear();
-    const int64_t splits = (blocks + kItemBlocks - 1) / kItemBlocks;
+    const int64_t item_blocks = std::max<int64_t>(1, kItemChannels / job.lanes);
+    const int64_t splits = (blocks + item_blocks - 1) / item_blocks;
     for (int64_t begin = 0, end; begin < chunk.rows; begin = end) {
       int64_t floats = 0;
       for (end = begin; end < chunk.rows; ++end) {
