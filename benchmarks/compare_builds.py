@@ -47,7 +47,7 @@ from haste_onnx.speed import interleaved_samples
 DEFAULT_CASES = ("128:28:0.5", "256:14:0.5", "512:7:0.5")
 
 
-def session(model: onnx.ModelProto, library: str | None, threads: int) -> ort.InferenceSession:
+def session(model: onnx.ModelProto, library: str | None, threads: int = 1) -> ort.InferenceSession:
     options = session_options(threads)
     if library:
         options.register_custom_ops_library(library)
