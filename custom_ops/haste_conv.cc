@@ -675,9 +675,9 @@ __attribute__((target("avx512f"), noinline)) void SumLargeBucketsAvx512(
 // where three sums per kernel row would wait on each other and read every filter three times
 // over (ResNet-18's 512 x 2x2 layers, with buckets of hundreds of channels, were 15-20 % slower
 // that way). Each output is summed in up to three chains of multiply-adds, by kernel row, as many
-// as the registers hold beside the taps and a broadcast (16 with AVX2, 32 with AVX-512), then the
-// chains are added: one chain made every multiply-add of an output wait on the one before (4-5 %
-// of the time on the layers measured; docs/speed.md).
+// as the registers hold beside the taps and a broadcast (16 with AVX2 or SSE, 32 with AVX-512),
+// then the chains are added: one chain made every multiply-add of an output wait on the one before
+// (4-5 % of the time on the layers measured; docs/speed.md).
 template <int kLanes, int kRows, int kCols>
 __attribute__((always_inline)) inline void ConvTile3With(const float* in, const int32_t* order,
                                                          const int32_t* starts, int64_t buckets,
