@@ -148,4 +148,13 @@ def run(
             f"the model takes {count} batches of these inputs one at a time, and has an output "
             "without a batch axis to join them on: give inputs for one batch"
         )
+    names = names or [output.name for output in session.get_outputs()]
+    for name, outputs in zip(names, zip(*parts)):
+        if len({output.shape[1:] for output in outputs}) > 1:
+            shapes = ", ".join(str(list(output.shape)) for output in outputs)
+            raise InputError(
+                f"the model takes {count} batches of these inputs one at a time, and its output "
+                f"{name!r} has another size in each batch ({shapes}), so they cannot be joined: "
+                "give inputs for one batch"
+            )
     return [np.concatenate(outputs) for outputs in zip(*parts)]

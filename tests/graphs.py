@@ -374,6 +374,25 @@ def with_anchors(seed: int = 17) -> onnx.ModelProto:
     return model
 
 
+def value_sized_output(seed: int = 21) -> onnx.ModelProto:
+    """Two 16-channel 3x3 Convs, then NonZero of the values above 0.3: an output whose size
+    depends on the values (as a detection head's after its threshold), beside a sum of them."""
+    n = Net(seed, channels=16, size=12)
+    y = n.conv(n.conv("x", 16, 16, name="conv1"), 16, 16, name="conv2")
+    hits = n.op("NonZero", n.op("Greater", y, n.const(np.array(0.3))))
+    total = n.op("ReduceSum", y, keepdims=0)
+    outputs = [
+        helper.make_tensor_value_info(hits, TensorProto.INT64, [4, "hits"]),
+        helper.make_tensor_value_info(total, TensorProto.FLOAT, []),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, n.input_shape)]
+    graph = helper.make_graph(n.nodes, "value_sized", inputs, outputs, n.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
 def squeeze_excitation(seed: int = 18) -> onnx.ModelProto:
     """A 3x3 Conv, then a squeeze-and-excitation block (EfficientNet's): global pooling, 1x1
     Convs 32 -> 16 -> 32 on the 1x1 map, a Sigmoid scaling the Conv's output. H and W are

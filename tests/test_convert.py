@@ -352,6 +352,20 @@ def test_fidelity_failure_writes_nothing_unless_forced(tmp_path):
     assert not forced.passed and forced.written == [out] and out.exists()
 
 
+def test_an_output_sized_by_the_values_fails_verification_by_name(tmp_path):
+    """NonZero after a threshold finds other hits once the layers are converted: its output
+    cannot be compared element by element, which is a failure that names it, not a crash."""
+    src = save(graphs.value_sized_output(), tmp_path)
+    out = tmp_path / "out.onnx"
+    result = convert(src, out, HasteOptions(num_planes=2, min_channels=1, skip_first=0))
+    shapes = [f for f in result.verification.failures if "cannot be compared" in f]
+    assert len(shapes) == 1 and "nonzero" in shapes[0] and "[4, " in shapes[0], shapes
+    assert [o.name for o in result.verification.outputs] == ["reducesum8"]
+    assert not result.passed and result.written == [] and not out.exists()
+    forced = convert(src, out, HasteOptions(num_planes=2, min_channels=1, skip_first=0), force=True)
+    assert forced.written == [out] and out.exists()
+
+
 def test_existing_output_is_untouched_when_conversion_fails(tmp_path):
     out = tmp_path / "out.onnx"
     out.write_bytes(b"previous")
@@ -703,6 +717,17 @@ def test_runs_take_the_batches_of_a_fixed_first_dimension_one_at_a_time():
     np.testing.assert_array_equal(y, np.concatenate(one_by_one))
     with pytest.raises(Exception, match="invalid dimensions"):  # onnxruntime still checks sizes
         runtime.run(session, None, {"x": x[:, :4]})
+
+
+def test_batches_whose_outputs_differ_in_size_are_refused_with_a_reason():
+    """A fixed batch of one, fed two images: an output sized by the values (NonZero) has
+    another size for each, and cannot be joined on its first axis."""
+    model = graphs.value_sized_output()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    session = runtime.quiet_session(model, custom_ops=False)
+    x = np.random.default_rng(0).standard_normal((2, 16, 12, 12)).astype(np.float32)
+    with pytest.raises(InputError, match="output 'nonzero7' has another size in each batch"):
+        runtime.run(session, ["nonzero7"], {"x": x})
 
 
 def test_runs_cut_every_image_input_and_feed_the_others_whole():
