@@ -68,12 +68,22 @@ class _Bound(click.FloatRange):
         return number
 
 
-class _NewFile(click.Path):
-    """The path of a file to write, refused when a trailing '/' says it is meant as a directory
-    (a Path drops that '/', and a file of that name would be written)."""
+class _Path(click.Path):
+    """A path, refused when empty (an unset variable in a script): Path("") is ".", which would
+    be taken for the current directory."""
 
     def __init__(self) -> None:
         super().__init__(path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value:
+            self.fail("the path is empty", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class _NewFile(_Path):
+    """The path of a file to write, refused when a trailing '/' says it is meant as a directory
+    (a Path drops that '/', and a file of that name would be written)."""
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, str) and value.endswith(("/", os.sep)):
@@ -203,7 +213,7 @@ _scale_options = _stack(
 _input_options = _stack(
     click.option(
         "--inputs",
-        type=click.Path(path_type=Path),
+        type=_Path(),
         default=None,
         help="Run on these inputs: .npy, .npz (keys = input names) or an image "
         "folder. Default: seeded random tensors.",
@@ -507,7 +517,7 @@ _plot_option = click.option(
 
 
 @main.command()
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=_Path())
 @click.option(
     "-o",
     "--output",
@@ -613,8 +623,8 @@ def convert(
 
 
 @main.command()
-@click.argument("original", type=click.Path(path_type=Path))
-@click.argument("converted", type=click.Path(path_type=Path))
+@click.argument("original", type=_Path())
+@click.argument("converted", type=_Path())
 @click.option(
     "--seed",
     type=click.IntRange(0),
@@ -649,7 +659,7 @@ def verify(original: Path, converted: Path, plot: Path | None, **kw: Any) -> Non
 
 
 @main.command()
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=_Path())
 @_plane_options
 @_policy_options
 @_input_options
@@ -708,7 +718,7 @@ DATA_SETS: dict[str, tuple[str, Callable[[], tuple[np.ndarray, np.ndarray]]]] = 
 
 
 @main.command()
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=_Path())
 @click.option(
     "--data",
     required=True,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.inliner
 from google.protobuf.message import EncodeError
 from onnx import numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, set_external_data
@@ -53,6 +54,36 @@ def load(path: str | os.PathLike[str]) -> onnx.ModelProto:
             "lower (a newer onnx package stamps its own IR version on the models it makes)"
         )
     return model
+
+
+def inline_functions(model: onnx.ModelProto, path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """``model`` with its local functions inlined (their nodes in the graph that calls them),
+    each inlined node named after its call, ``/layer1/layer1.0/BasicBlock/Conv_16``. Past 2 GB
+    the inliner cannot take the model, which then keeps them."""
+    if not model.functions or too_large(model):
+        return model
+    try:
+        inlined = onnx.inliner.inline_local_functions(model)
+    except Exception as exc:
+        raise InputError(f"{path}: its local functions cannot be inlined ({exc})") from None
+    functions = {(f.domain, f.name): f for f in model.functions}
+
+    def expand(node: onnx.NodeProto, call: str) -> list[tuple[str, str]]:
+        """(op type, name) of the nodes ``node`` becomes, in order; "" keeps a node's name."""
+        body = functions.get((node.domain, node.op_type))
+        name = f"{call}/{node.name or node.op_type}" if call else ""
+        if body is None:
+            return [(node.op_type, name)]
+        here = name or node.name or node.op_type
+        return [pair for inner in body.node for pair in expand(inner, here)]
+
+    expanded = [pair for node in model.graph.node for pair in expand(node, "")]
+    if [op for op, _ in expanded] == [node.op_type for node in inlined.graph.node]:
+        names = {n.name for n, (_, name) in zip(inlined.graph.node, expanded) if not name}
+        for node, (_, name) in zip(inlined.graph.node, expanded):
+            if name:
+                node.name = unique_name(names, name)
+    return inlined
 
 
 @functools.cache

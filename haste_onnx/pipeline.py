@@ -100,8 +100,10 @@ def check_output_path(
 
 
 def load_original(path: str | Path) -> onnx.ModelProto:
-    """Load a model to convert, inspect or evaluate: one that holds no HasteConv yet."""
-    model = ir.load(path)
+    """Load a model to convert, inspect or evaluate: one that holds no HasteConv yet. Its local
+    functions (torch.onnx.export's export_modules_as_functions, onnxscript) are inlined, so that
+    the Convs inside them are converted and counted like the others."""
+    model = ir.inline_functions(ir.load(path), path)
     if any(node.domain == opdef.DOMAIN for node in model.graph.node):
         raise InputError(
             f"{path} holds HasteConv nodes: it is a converted model; give the original one"

@@ -393,6 +393,41 @@ def value_sized_output(seed: int = 21) -> onnx.ModelProto:
     return model
 
 
+def local_functions(seed: int = 22) -> onnx.ModelProto:
+    """A strided stem, then two calls of a local function Block(x, w) = Relu(Conv(x, w)), as
+    torch.onnx.export(..., export_modules_as_functions=...) or onnxscript write them."""
+    n = Net(seed, channels=16, size=16)
+    stem = n.conv("x", 16, 16, stride=2, name="stem")
+    block = helper.make_function(
+        "blocks",
+        "Block",
+        ["x", "w"],
+        ["y"],
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["y"]),
+        ],
+        opset_imports=[helper.make_opsetid("", OPSET)],
+    )
+    out = stem
+    for name in ("block1", "block2"):
+        w = n.const(n.weight(16, 16, 3), f"{name}.w")
+        n.nodes.append(helper.make_node("Block", [out, w], [name], name=name, domain="blocks"))
+        out = name
+    graph = helper.make_graph(
+        n.nodes,
+        "functions",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, n.input_shape)],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", 16, 8, 8])],
+        n.inits,
+    )
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("blocks", 1)]
+    model = helper.make_model(graph, opset_imports=opsets, functions=[block])
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
 def squeeze_excitation(seed: int = 18) -> onnx.ModelProto:
     """A 3x3 Conv, then a squeeze-and-excitation block (EfficientNet's): global pooling, 1x1
     Convs 32 -> 16 -> 32 on the 1x1 map, a Sigmoid scaling the Conv's output. H and W are

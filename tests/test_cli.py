@@ -441,6 +441,9 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
         ),
         "out of memory": ([tmp_path / "ok.onnx", "--batch", "10000000000"], "out of memory"),
         "onnxruntime refuses to run it": ([tmp_path / "small.onnx"], "onnxruntime: "),
+        "empty output path": ([tmp_path / "ok.onnx", "-o", ""], "'--output': the path is empty"),
+        "empty json path": ([tmp_path / "ok.onnx", "--json", ""], "'--json': the path is empty"),
+        "empty model path": ([""], "'MODEL': the path is empty"),
     }
 
 
@@ -498,6 +501,9 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
         "output is the input's data",
         "output is the inputs",
         "output name too long",
+        "empty output path",
+        "empty json path",
+        "empty model path",
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, case):

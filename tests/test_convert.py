@@ -366,6 +366,32 @@ def test_an_output_sized_by_the_values_fails_verification_by_name(tmp_path):
     assert forced.written == [out] and out.exists()
 
 
+def test_convs_inside_local_functions_are_converted_and_counted(tmp_path):
+    """Local functions (model.functions) are inlined when the model is loaded: before, their
+    Convs were neither converted nor counted, and nothing said so."""
+    src = save(graphs.local_functions(), tmp_path)
+    inspection = inspect(src)
+    names = [d.name for d in inspection.decisions]
+    assert names == ["stem", "block1/Conv", "block2/Conv"] and not inspection.flops.uncounted
+    conv = 2 * 8 * 8 * 9 * 16 * 16
+    assert inspection.flops.baseline_total == 3 * conv
+    result = convert(src, tmp_path / "out.onnx", HasteOptions(min_channels=1))
+    assert result.passed and len(result.layers) == 2, result.verification.failures
+    assert not onnx.load(tmp_path / "out.onnx").functions
+
+
+def test_a_dequantized_weight_is_refused_as_quantized():
+    """A QDQ model's weight, DequantizeLinear(int8 initializer): constant, but a quantized Conv
+    that a float32 HasteConv would replace; before, it read "computed at run time"."""
+    n = graphs.Net(23, channels=16, size=8)
+    q = np.round(n.weight(16, 16, 3) * 100).astype(np.int8)
+    n.inits.append(numpy_helper.from_array(q, "wq"))
+    w = n.op("DequantizeLinear", "wq", n.const(np.array(0.01)))
+    n.nodes.append(helper.make_node("Conv", ["x", w], ["y"], name="qconv", pads=[1, 1, 1, 1]))
+    (decision,) = decide(n.model("y", ["N", 16, 8, 8]), HasteOptions(min_channels=1))[1]
+    assert not decision.converted and "dequantized at run time" in decision.reason, decision
+
+
 def test_existing_output_is_untouched_when_conversion_fails(tmp_path):
     out = tmp_path / "out.onnx"
     out.write_bytes(b"previous")
@@ -764,7 +790,7 @@ def test_convs_on_a_one_pixel_map_are_left_as_conv():
     reasons = {d.name: d.reason for d in decisions}
     assert reasons["conv"] == ""
     for name in ("squeeze", "expand"):
-        assert "its input is a 1x1 map (after a global pooling)" in reasons[name]
+        assert "its input is a 1x1 map (a global pooling's, or a small input's)" in reasons[name]
     _, decisions = decide(model, HasteOptions(include=("expand",)))  # a policy: --include wins
     assert [d.name for d in decisions if d.converted] == ["conv", "expand"]
 

@@ -78,7 +78,8 @@ class ConvSite:
     bias: np.ndarray | None
     bias_missing: bool  # the bias input names a tensor that is not constant
     shortcut: bool = False  # a 1x1 projection shortcut of a residual block
-    one_pixel: bool = False  # its input is a 1x1 map whatever the model's input size
+    one_pixel: bool = False  # its input is a 1x1 map, as shape inference finds it
+    weight_op: str = ""  # the op type of the node that computes a weight that is not constant
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,11 @@ def _stride_one(site: ConvSite) -> str | None:
 
 
 def _constant_weight(site: ConvSite) -> str | None:
+    if site.weight is None and site.weight_op == "DequantizeLinear":
+        return (
+            "weight is dequantized at run time (a quantized model): HasteConv computes in "
+            "float32, and would replace a quantized Conv"
+        )
     if site.weight is None:
         return "weight is computed at run time, not a constant — HASTE needs constant filters"
     if site.bias_missing:
@@ -210,6 +216,7 @@ def _sites(model: onnx.ModelProto) -> list[ConvSite]:
         for input_name in set(ir.reads(n)):
             users.setdefault(input_name, []).append(n)
     pixels = _one_pixel_maps(model)
+    producers = {out: n.op_type for n in graph.node for out in n.output}
     sites = []
     for index, node in convs:
 
@@ -225,14 +232,17 @@ def _sites(model: onnx.ModelProto) -> list[ConvSite]:
         shortcut = shortcut and _projection_shortcut(graph, node, users)
         missing = has_bias and bias is None
         one_pixel = node.input[0] in pixels
-        sites.append(ConvSite(node, index, name, weight, bias, missing, shortcut, one_pixel))
+        weight_op = producers.get(node.input[1], "") if weight is None else ""
+        sites.append(
+            ConvSite(node, index, name, weight, bias, missing, shortcut, one_pixel, weight_op)
+        )
     return sites
 
 
 def _one_pixel_maps(model: onnx.ModelProto) -> set[str]:
-    """The tensors that shape inference finds to be [N, C, 1, 1], whatever the model's input
-    size: after a global pooling, as the squeeze-and-excitation blocks of EfficientNet and
-    MobileNetV3 have them."""
+    """The tensors that shape inference finds to be [N, C, 1, 1]: after a global pooling, as
+    the squeeze-and-excitation blocks of EfficientNet and MobileNetV3 have them, or at the end of
+    a model exported for a small input size."""
     try:
         inferred = onnx.shape_inference.infer_shapes(ir.shapes_only(model))
     except Exception:  # onnx raises many types; no shapes, no such maps
@@ -315,8 +325,9 @@ def decide(
                 reason = "1x1 projection shortcut of a residual block (left alone, as in the paper)"
             elif site.one_pixel:
                 reason = (
-                    "its input is a 1x1 map (after a global pooling): a patch holds one pixel "
-                    "and padding, nothing worth merging, and hashing costs more than it saves"
+                    "its input is a 1x1 map (a global pooling's, or a small input's): a patch "
+                    "holds one pixel and padding, nothing worth merging, and hashing costs more "
+                    "than it saves"
                 )
             elif eligible_seen < options.skip_first:
                 eligible_seen += 1
