@@ -92,14 +92,23 @@ class Net:
         return self.op("Gemm", pooled, w, self.const(np.zeros(classes)), transB=1)
 
     def model(self, output: str, out_shape: list[int | str] | None = None) -> onnx.ModelProto:
-        graph = helper.make_graph(
-            self.nodes,
-            "test",
+        return self.close(
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, self.input_shape)],
             [helper.make_tensor_value_info(output, TensorProto.FLOAT, out_shape)],
-            self.inits,
         )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+    def close(
+        self,
+        inputs: list[onnx.ValueInfoProto],
+        outputs: list[onnx.ValueInfoProto],
+        opset: int = OPSET,
+        functions: tuple[onnx.FunctionProto, ...] = (),
+    ) -> onnx.ModelProto:
+        """The checked model of the nodes so far, with these inputs and outputs."""
+        graph = helper.make_graph(self.nodes, "test", inputs, outputs, self.inits)
+        opsets = [helper.make_opsetid("", opset)]
+        opsets += [helper.make_opsetid(f.domain, 1) for f in functions]
+        model = helper.make_model(graph, opset_imports=opsets, functions=list(functions))
         model.ir_version = IR_VERSION
         onnx.checker.check_model(model)
         return model
@@ -180,17 +189,11 @@ def odd_neighbours(seed: int = 16) -> onnx.ModelProto:
     h = n.op("BatchNormalization", h, *map(n.const, params), spatial=0)
     out = n.op("Add", h, "c.haste.weight")
     inputs = [("scale", []), ("x", n.input_shape), ("c.haste.weight", n.input_shape)]
-    graph = helper.make_graph(
-        n.nodes,
-        "test",
+    return n.close(
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, s) for name, s in inputs],
         [helper.make_tensor_value_info(out, TensorProto.FLOAT, n.input_shape)],
-        n.inits,
+        opset=7,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7)])
-    model.ir_version = IR_VERSION
-    onnx.checker.check_model(model)
-    return model
 
 
 def depthwise(seed: int = 2) -> onnx.ModelProto:
@@ -366,12 +369,7 @@ def with_anchors(seed: int = 17) -> onnx.ModelProto:
         helper.make_tensor_value_info("x", TensorProto.FLOAT, n.input_shape),
         helper.make_tensor_value_info("anchors", TensorProto.FLOAT, [1000, 4]),
     ]
-    outputs = [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", 2, 6, 6])]
-    graph = helper.make_graph(n.nodes, "anchors", inputs, outputs, n.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = IR_VERSION
-    onnx.checker.check_model(model)
-    return model
+    return n.close(inputs, [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", 2, 6, 6])])
 
 
 def value_sized_output(seed: int = 21) -> onnx.ModelProto:
@@ -385,12 +383,7 @@ def value_sized_output(seed: int = 21) -> onnx.ModelProto:
         helper.make_tensor_value_info(hits, TensorProto.INT64, [4, "hits"]),
         helper.make_tensor_value_info(total, TensorProto.FLOAT, []),
     ]
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, n.input_shape)]
-    graph = helper.make_graph(n.nodes, "value_sized", inputs, outputs, n.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = IR_VERSION
-    onnx.checker.check_model(model)
-    return model
+    return n.close([helper.make_tensor_value_info("x", TensorProto.FLOAT, n.input_shape)], outputs)
 
 
 def local_functions(seed: int = 22) -> onnx.ModelProto:
@@ -414,18 +407,11 @@ def local_functions(seed: int = 22) -> onnx.ModelProto:
         w = n.const(n.weight(16, 16, 3), f"{name}.w")
         n.nodes.append(helper.make_node("Block", [out, w], [name], name=name, domain="blocks"))
         out = name
-    graph = helper.make_graph(
-        n.nodes,
-        "functions",
+    return n.close(
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, n.input_shape)],
         [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", 16, 8, 8])],
-        n.inits,
+        functions=(block,),
     )
-    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("blocks", 1)]
-    model = helper.make_model(graph, opset_imports=opsets, functions=[block])
-    model.ir_version = IR_VERSION
-    onnx.checker.check_model(model)
-    return model
 
 
 def squeeze_excitation(seed: int = 18) -> onnx.ModelProto:
@@ -467,17 +453,10 @@ def overridable_shape(seed: int = 12) -> onnx.ModelProto:
     ]
     height = n.op("Gather", n.op("Shape", y), "axis2", axis=0)
     out = n.op("Reshape", y, n.op("Concat", "front", height, "rest", axis=0))
-    graph = helper.make_graph(
-        n.nodes,
-        "test",
+    return n.close(
         [
             helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4096]),
             helper.make_tensor_value_info("target", TensorProto.INT64, [4]),
         ],
         [helper.make_tensor_value_info(out, TensorProto.FLOAT, [2, 16, None, None])],
-        n.inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = IR_VERSION
-    onnx.checker.check_model(model)
-    return model
