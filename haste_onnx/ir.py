@@ -363,6 +363,21 @@ def nested_op_types(graph: onnx.GraphProto) -> set[str]:
     return set().union(*map(inner_op_types, graph.node))
 
 
+def function_op_types(model: onnx.ModelProto, node: onnx.NodeProto) -> set[str]:
+    """The op types inside ``node``'s body when it calls one of ``model``'s local functions (which
+    stay there when the model was too large to inline them), at any depth."""
+    functions = {(f.domain, f.name): f for f in model.functions}
+
+    def inside(call: onnx.NodeProto, seen: frozenset[tuple[str, str]]) -> set[str]:
+        key = (call.domain, call.op_type)
+        if key not in functions or key in seen:
+            return set()
+        body = functions[key].node
+        return {n.op_type for n in body}.union(*(inside(n, seen | {key}) for n in body))
+
+    return inside(node, frozenset())
+
+
 def inner_op_types(node: onnx.NodeProto) -> set[str]:
     """The op types of the nodes inside ``node``'s subgraphs, at any depth."""
     types: set[str] = set()

@@ -177,7 +177,9 @@ def build(
     nested = [  # neither converted nor counted: the rewrite and the FLOPs see the main graph
         f"{op} inside {node.op_type} {node.name or node.output[0]!r}"
         for node in original.graph.node
-        for op in sorted(ir.inner_op_types(node) & set(flops.COUNTED))
+        for op in sorted(
+            (ir.inner_op_types(node) | ir.function_op_types(original, node)) & set(flops.COUNTED)
+        )
     ]
     return FlopsReport(inputs, layers, skipped, other, uncounted, nested)
 

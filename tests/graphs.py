@@ -386,11 +386,12 @@ def value_sized_output(seed: int = 21) -> onnx.ModelProto:
     return n.close([helper.make_tensor_value_info("x", TensorProto.FLOAT, n.input_shape)], outputs)
 
 
-def local_functions(seed: int = 22) -> onnx.ModelProto:
-    """A strided stem, then two calls of a local function Block(x, w) = Relu(Conv(x, w)), as
-    torch.onnx.export(..., export_modules_as_functions=...) or onnxscript write them."""
-    n = Net(seed, channels=16, size=16)
-    stem = n.conv("x", 16, 16, stride=2, name="stem")
+def local_functions(seed: int = 22, stem: bool = True) -> onnx.ModelProto:
+    """A strided stem (or none), then two calls of a local function Block(x, w) =
+    Relu(Conv(x, w)), as torch.onnx.export(..., export_modules_as_functions=...) or onnxscript
+    write them."""
+    n = Net(seed, channels=16, size=16 if stem else 8)
+    out = n.conv("x", 16, 16, stride=2, name="stem") if stem else "x"
     block = helper.make_function(
         "blocks",
         "Block",
@@ -402,7 +403,6 @@ def local_functions(seed: int = 22) -> onnx.ModelProto:
         ],
         opset_imports=[helper.make_opsetid("", OPSET)],
     )
-    out = stem
     for name in ("block1", "block2"):
         w = n.const(n.weight(16, 16, 3), f"{name}.w")
         n.nodes.append(helper.make_node("Block", [out, w], [name], name=name, domain="blocks"))

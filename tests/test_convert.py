@@ -380,6 +380,18 @@ def test_convs_inside_local_functions_are_converted_and_counted(tmp_path):
     assert not onnx.load(tmp_path / "out.onnx").functions
 
 
+def test_convs_in_functions_past_2_gb_are_reported_as_not_converted(tmp_path, monkeypatch):
+    """Past 2 GB the inliner cannot take a model, whose functions then stay: their Convs are
+    listed as neither converted nor counted, not dropped without a word."""
+    src = save(graphs.local_functions(), tmp_path)
+    monkeypatch.setattr(haste_onnx.ir, "too_large", lambda model: True)
+    nested = inspect(src).flops.nested
+    assert nested == ["Conv inside Block 'block1'", "Conv inside Block 'block2'"], nested
+    only = save(graphs.local_functions(stem=False), tmp_path, "only.onnx")
+    with pytest.raises(InputError, match="the Convs of its local functions are not converted"):
+        convert(only, write=False)
+
+
 def test_a_dequantized_weight_is_refused_as_quantized():
     """A QDQ model's weight, DequantizeLinear(int8 initializer): constant, but a quantized Conv
     that a float32 HasteConv would replace; before, it read "computed at run time"."""
