@@ -9,7 +9,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -66,24 +66,33 @@ def inline_functions(model: onnx.ModelProto, path: str | os.PathLike[str]) -> on
         inlined = onnx.inliner.inline_local_functions(model)
     except Exception as exc:
         raise InputError(f"{path}: its local functions cannot be inlined ({exc})") from None
-    functions = {(f.domain, f.name): f for f in model.functions}
-
-    def expand(node: onnx.NodeProto, call: str) -> list[tuple[str, str]]:
-        """(op type, name) of the nodes ``node`` becomes, in order; "" keeps a node's name."""
-        body = functions.get((node.domain, node.op_type))
-        name = f"{call}/{node.name or node.op_type}" if call else ""
-        if body is None:
-            return [(node.op_type, name)]
-        here = name or node.name or node.op_type
-        return [pair for inner in body.node for pair in expand(inner, here)]
-
-    expanded = [pair for node in model.graph.node for pair in expand(node, "")]
-    if [op for op, _ in expanded] == [node.op_type for node in inlined.graph.node]:
-        names = {n.name for n, (_, name) in zip(inlined.graph.node, expanded) if not name}
-        for node, (_, name) in zip(inlined.graph.node, expanded):
-            if name:
-                node.name = unique_name(names, name)
+    functions = local_functions(model)
+    expanded = [pair for node in model.graph.node for pair in function_nodes(functions, node)]
+    if [leaf.op_type for leaf, _ in expanded] == [node.op_type for node in inlined.graph.node]:
+        names = {n.name for n, (_, call) in zip(inlined.graph.node, expanded) if not call}
+        for node, (leaf, call) in zip(inlined.graph.node, expanded):
+            if call:
+                node.name = unique_name(names, f"{call}/{leaf.name or leaf.op_type}")
     return inlined
+
+
+def local_functions(model: onnx.ModelProto) -> dict[tuple[str, str], onnx.FunctionProto]:
+    """``model``'s local functions by (domain, name), as a node that calls one names it."""
+    return {(f.domain, f.name): f for f in model.functions}
+
+
+def function_nodes(
+    functions: dict[tuple[str, str], onnx.FunctionProto], node: onnx.NodeProto, call: str = ""
+) -> Iterator[tuple[onnx.NodeProto, str]]:
+    """The nodes ``node`` stands for once ``functions`` are inlined, in order, each with the path
+    of the calls it sits in ("" for ``node`` itself when it calls no function)."""
+    body = functions.get((node.domain, node.op_type))
+    if body is None:
+        yield node, call
+        return
+    here = f"{call}/{node.name or node.op_type}" if call else node.name or node.op_type
+    for inner in body.node:
+        yield from function_nodes(functions, inner, here)
 
 
 @functools.cache
@@ -363,19 +372,12 @@ def nested_op_types(graph: onnx.GraphProto) -> set[str]:
     return set().union(*map(inner_op_types, graph.node))
 
 
-def function_op_types(model: onnx.ModelProto, node: onnx.NodeProto) -> set[str]:
-    """The op types inside ``node``'s body when it calls one of ``model``'s local functions (which
-    stay there when the model was too large to inline them), at any depth."""
-    functions = {(f.domain, f.name): f for f in model.functions}
-
-    def inside(call: onnx.NodeProto, seen: frozenset[tuple[str, str]]) -> set[str]:
-        key = (call.domain, call.op_type)
-        if key not in functions or key in seen:
-            return set()
-        body = functions[key].node
-        return {n.op_type for n in body}.union(*(inside(n, seen | {key}) for n in body))
-
-    return inside(node, frozenset())
+def function_op_types(
+    functions: dict[tuple[str, str], onnx.FunctionProto], node: onnx.NodeProto
+) -> set[str]:
+    """The op types inside ``node``'s body when it calls one of the local ``functions`` (which
+    stay in a model too large to inline them), at any depth."""
+    return {leaf.op_type for leaf, call in function_nodes(functions, node) if call}
 
 
 def inner_op_types(node: onnx.NodeProto) -> set[str]:

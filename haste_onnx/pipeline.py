@@ -119,7 +119,8 @@ def make_feeds(model: onnx.ModelProto, options: VerifyOptions) -> inputs.Feeds:
 
 
 def _no_conv(model: onnx.ModelProto, source: Path) -> InputError:
-    if any("Conv" in ir.function_op_types(model, node) for node in model.graph.node):
+    functions = ir.local_functions(model)
+    if any("Conv" in ir.function_op_types(functions, node) for node in model.graph.node):
         return InputError(
             f"{source} has no Conv node in its main graph, and the Convs of its local functions "
             "are not converted: past 2 GB the model's functions cannot be inlined"

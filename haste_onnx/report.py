@@ -174,11 +174,12 @@ def build(
                 )
         elif per_image is not None:
             other += per_image
+    functions = ir.local_functions(original)
     nested = [  # neither converted nor counted: the rewrite and the FLOPs see the main graph
         f"{op} inside {node.op_type} {node.name or node.output[0]!r}"
         for node in original.graph.node
         for op in sorted(
-            (ir.inner_op_types(node) | ir.function_op_types(original, node)) & set(flops.COUNTED)
+            (ir.inner_op_types(node) | ir.function_op_types(functions, node)) & set(flops.COUNTED)
         )
     ]
     return FlopsReport(inputs, layers, skipped, other, uncounted, nested)
