@@ -38,8 +38,7 @@ from haste_onnx.speed import interleaved_samples
 
 # The totals HasteConvProfile returns, in order (custom_ops/haste_conv.cc: Phase, then Count).
 PHASES = {
-    "band": "zero-padded input rows (band)",
-    "gather": "gathering each tile's patches",
+    "patch": "each tile's zero-padded patches",
     "hash": "hashing",
     "group": "grouping channels into buckets",
     "means": "bucket means",

@@ -38,7 +38,7 @@ constexpr bool kProfile = true;
 #else
 constexpr bool kProfile = false;
 #endif
-enum Phase { kBand, kGather, kHash, kGroup, kMeans, kConvFull, kConvEdge, kStore, kJob, kPhases };
+enum Phase { kPatch, kHash, kGroup, kMeans, kConvFull, kConvEdge, kStore, kJob, kPhases };
 // Per filter block: full tiles (3 x 3 outputs), their buckets and the channels merged into
 // another's bucket; tiles cut by the edge of Y and their multiply-adds (of the kernel's width);
 // then jobs and their steady-clock nanoseconds (which calibrate the ticks).
@@ -173,11 +173,11 @@ Geometry MakeGeometry(const Shape& x, const Shape& w, const HasteConvAttributes&
   }
   g.tiles_y = add(g.out_h, g.tile - 1) / g.tile;
   g.tiles_x = add(g.out_w, g.tile - 1) / g.tile;
-  // Y, one image and the batch; the band (FillBand) and HashPatch's scratch; W packed; a row of
-  // tiles' inputs (RunJob: per_bucket floats per bucket, at most C buckets per tile).
+  // Y, one image and the batch; a tile's patches (FillPatch) and HashPatch's scratch; W packed; a
+  // row of tiles' inputs (RunJob: per_bucket floats per bucket, at most C buckets per tile).
   mul(g.n, mul(g.m, mul(g.out_h, g.out_w)));
-  mul(mul(g.c, g.patch), add(mul(g.tiles_x, g.tile), g.k - 1));
   const int64_t p2 = mul(g.patch, g.patch), taps = mul(g.k, g.k);
+  mul(g.c, p2);
   mul(p2, kHashBlock);
   mul(mul(add(g.m, lanes - 1), g.c), taps);
   const PixelGroups split = SplitPixels(g.tile);  // T <= kMaxTile: T*T is small
@@ -186,47 +186,32 @@ Geometry MakeGeometry(const Shape& x, const Shape& w, const HasteConvAttributes&
   return g;
 }
 
-// The P input rows that row ty of output tiles reads from one image [C, H, W], zero-padded to the
-// width of the whole row of tiles: band [C, P, BandWidth(g)]. Positions outside the input are
-// zero (the padding, and beyond it where the last tile overhangs Y).
-int64_t BandWidth(const Geometry& g) { return g.tiles_x * g.tile + g.k - 1; }
-
-// Row by row, in loops of its own rather than calls to memset and memmove: the rows are short
-// (tens of floats), and three library calls per row cost more than the copy (on 64 x 14x14
-// layers the band took 0.13 of the Conv time).
-__attribute__((optimize("no-tree-loop-distribute-patterns"))) void FillBand(const Geometry& g,
-                                                                            const float* image,
-                                                                            int64_t ty,
-                                                                            float* band) {
-  const int64_t width = BandWidth(g), y0 = ty * g.tile - g.pad_top;
-  const int64_t lo = std::min(g.pad_left, width), hi = std::min(g.pad_left + g.w, width);
+// The P x P input patch of output tile (ty, tx) of one image [C, H, W]: patch [C, P*P]. Positions
+// outside the input are zero (the padding, and beyond it where the last tile overhangs Y). Row by
+// row, in loops of its own rather than calls to memset and memcpy: the rows are a few floats.
+__attribute__((optimize("no-tree-loop-distribute-patterns"))) void FillPatch(const Geometry& g,
+                                                                             const float* image,
+                                                                             int64_t ty, int64_t tx,
+                                                                             float* patch) {
+  const int64_t p = g.patch, y0 = ty * g.tile - g.pad_top, x0 = tx * g.tile - g.pad_left;
+  // Columns [lo, hi) of the patch are inside the input.
+  const int64_t lo = std::clamp<int64_t>(-x0, 0, p), hi = std::clamp<int64_t>(g.w - x0, lo, p);
   for (int64_t c = 0; c < g.c; ++c) {
-    for (int64_t py = 0; py < g.patch; ++py, band += width) {
+    for (int64_t py = 0; py < p; ++py, patch += p) {
       const int64_t iy = y0 + py;
       if (iy < 0 || iy >= g.h) {
-        for (int64_t x = 0; x < width; ++x) band[x] = 0.0f;
+        for (int64_t x = 0; x < p; ++x) patch[x] = 0.0f;
         continue;
       }
-      const float* src = image + (c * g.h + iy) * g.w;
-      for (int64_t x = 0; x < lo; ++x) band[x] = 0.0f;
-      for (int64_t x = lo; x < hi; ++x) band[x] = src[x - g.pad_left];
-      for (int64_t x = hi; x < width; ++x) band[x] = 0.0f;
+      const float* src = image + (c * g.h + iy) * g.w + x0 + lo;  // column lo
+      if (p == 5 && lo == 0 && hi == 5) {  // T = 3 and K = 3 inside the input: a fixed-size copy
+        std::memcpy(patch, src, 5 * sizeof(float));
+        continue;
+      }
+      for (int64_t x = 0; x < lo; ++x) patch[x] = 0.0f;
+      for (int64_t x = lo; x < hi; ++x) patch[x] = src[x - lo];
+      for (int64_t x = hi; x < p; ++x) patch[x] = 0.0f;
     }
-  }
-}
-
-// Copies the P x P patch of output tile tx from band (FillBand) into patch [C, P*P].
-void GatherPatch(const Geometry& g, const float* band, int64_t tx, float* patch) {
-  const int64_t width = BandWidth(g);
-  const float* src = band + tx * g.tile;
-  if (g.patch == 5) {  // T = 3 and K = 3: fixed-size copies
-    for (int64_t row = 0; row < g.c * 5; ++row, src += width, patch += 5) {
-      std::memcpy(patch, src, 5 * sizeof(float));
-    }
-    return;
-  }
-  for (int64_t row = 0; row < g.c * g.patch; ++row, src += width, patch += g.patch) {
-    std::copy(src, src + g.patch, patch);
   }
 }
 
@@ -669,7 +654,7 @@ __attribute__((target("avx512f"), noinline)) void SumLargeBucketsAvx512(
 // kCols outputs inside Y) for the output channels of one filter block [C, 9, kLanes], plus bias
 // [kLanes], then Relu if `relu`. `in` holds each bucket's 5x5 (merged) patch, [buckets, 25] in
 // the buckets' order, so that the kernel reads it front to back. Buckets come kind after kind
-// (BucketKind, HashRow orders them so), each kind with a loop of its own. Single channels, pairs
+// (BucketKind, HashTile orders them so), each kind with a loop of its own. Single channels, pairs
 // and buckets of up to kSumInline channels sum their filters kernel row by kernel row in
 // Tile3Bucket. The filters of larger buckets are summed before anything else (SumLargeBuckets),
 // where three sums per kernel row would wait on each other and read every filter three times
@@ -965,9 +950,9 @@ void MeanOfPatches(const float* patch, const int32_t* channel, int64_t size, flo
   if constexpr (kDim > 0) std::memcpy(merged, sum, sizeof(sum));  // a fixed size: inlined
 }
 
-// Scratch of one thread, reused by its work items so that they do not allocate.
-struct RowScratch {
-  std::vector<float> band, patch, merged;
+// Scratch of one thread, reused by its tiles so that they do not allocate.
+struct TileScratch {
+  std::vector<float> patch, merged;
   std::vector<double> sum, centered;
   std::vector<uint64_t> codes;
   std::vector<std::pair<uint64_t, int32_t>> slots;  // GroupCodes' table
@@ -975,15 +960,15 @@ struct RowScratch {
   std::vector<int64_t> gather;  // [groups, K*K, pixels]: patch offset, or -1 for padding
 };
 
-// Hashes and buckets row `row` of a chunk of output tiles, and lays out its buckets' inputs.
-// Rows write disjoint parts of the chunk.
-void HashRow(const Job& job, ChunkBuckets& chunk, int64_t row) {
+// Hashes and buckets tile t of a chunk of output tiles, and lays out its buckets' inputs. Tiles
+// write disjoint parts of the chunk.
+void HashTile(const Job& job, ChunkBuckets& chunk, int64_t t) {
   const Geometry& g = job.g;
-  const int64_t n = (chunk.first_row + row) / g.tiles_y, ty = (chunk.first_row + row) % g.tiles_y;
+  const int64_t row = chunk.first_row + t / g.tiles_x, tx = t % g.tiles_x;
+  const int64_t n = row / g.tiles_y, ty = row % g.tiles_y;
   const int64_t p2 = g.patch * g.patch, taps = g.k * g.k;
   const int64_t groups = job.split.groups, pixels = job.split.pixels;
-  thread_local RowScratch s;
-  s.band.resize(g.c * g.patch * BandWidth(g));
+  thread_local TileScratch s;
   s.patch.resize(g.c * p2);
   s.merged.resize(p2);
   s.sum.resize(p2);
@@ -992,78 +977,73 @@ void HashRow(const Job& job, ChunkBuckets& chunk, int64_t row) {
   s.bucket.resize(g.c);
   s.size.resize(g.c);
   s.rank.resize(g.c + 1);
-  s.gather.resize(groups * taps * pixels);
-  for (int64_t group = 0; group < groups; ++group) {
-    for (int64_t t = 0; t < taps; ++t) {
-      for (int64_t p = 0; p < pixels; ++p) {
-        const int64_t pixel = group * pixels + p;
-        s.gather[(group * taps + t) * pixels + p] =
-            pixel < g.tile * g.tile
-                ? (pixel / g.tile + t / g.k) * g.patch + pixel % g.tile + t % g.k
-                : -1;
+  if (!job.compact) {
+    s.gather.resize(groups * taps * pixels);
+    for (int64_t group = 0; group < groups; ++group) {
+      for (int64_t k = 0; k < taps; ++k) {
+        for (int64_t p = 0; p < pixels; ++p) {
+          const int64_t pixel = group * pixels + p;
+          s.gather[(group * taps + k) * pixels + p] =
+              pixel < g.tile * g.tile
+                  ? (pixel / g.tile + k / g.k) * g.patch + pixel % g.tile + k % g.k
+                  : -1;
+        }
       }
     }
   }
   Laps laps;
-  FillBand(g, job.x + n * g.c * g.h * g.w, ty, s.band.data());
-  laps.To(kBand);
+  float* inputs = chunk.inputs.data() + t * chunk.per_tile;
+  float* patch = s.patch.data();
+  FillPatch(g, job.x + n * g.c * g.h * g.w, ty, tx, patch);
+  laps.To(kPatch);
+  HashPatch(job.lanes, patch, g.c, p2, *job.planes, s.sum.data(), s.centered.data(),
+            s.codes.data());
+  laps.To(kHash);
+  const int64_t buckets = GroupCodes(s.codes.data(), g.c, s.slots, s.bucket.data(), s.size.data());
+  chunk.count[t] = buckets;
 
-  for (int64_t tx = 0; tx < g.tiles_x; ++tx) {
-    const int64_t t = row * g.tiles_x + tx;
-    float* inputs = chunk.inputs.data() + t * chunk.per_tile;
-    float* patch = s.patch.data();
-    GatherPatch(g, s.band.data(), tx, patch);
-    laps.To(kGather);
-    HashPatch(job.lanes, patch, g.c, p2, *job.planes, s.sum.data(), s.centered.data(),
-              s.codes.data());
-    laps.To(kHash);
-    const int64_t buckets =
-        GroupCodes(s.codes.data(), g.c, s.slots, s.bucket.data(), s.size.data());
-    chunk.count[t] = buckets;
-
-    // Buckets come kind after kind (BucketKind: the kernel has a loop for each), each kind in
-    // the order of its first channel, so that the kernel walks the filters forwards; channels
-    // stay in ascending order in each bucket.
-    int32_t* order = chunk.order.data() + t * g.c;
-    int32_t* starts = chunk.starts.data() + t * (g.c + 1);
-    int32_t next[kBucketKinds] = {};
-    for (int64_t b = 0; b < buckets; ++b) ++next[BucketKind(s.size[b])];
-    for (int64_t kind = kBucketKinds - 1, total = buckets; kind >= 0; --kind) {
-      next[kind] = static_cast<int32_t>(total -= next[kind]);  // where the kind starts
-    }
-    starts[0] = 0;
-    for (int64_t b = 0; b < buckets; ++b) {
-      s.rank[b] = next[BucketKind(s.size[b])]++;
-      starts[s.rank[b] + 1] = s.size[b];
-    }
-    for (int64_t b = 0; b < buckets; ++b) starts[b + 1] += starts[b];
-    for (int64_t b = 0; b < buckets; ++b) s.rank[b] = starts[s.rank[b]];  // where it fills from
-    for (int64_t c = 0; c < g.c; ++c) order[s.rank[s.bucket[c]]++] = static_cast<int32_t>(c);
-    laps.To(kGroup);
-
-    for (int64_t b = 0; b < buckets; ++b) {
-      const int64_t size = starts[b + 1] - starts[b];
-      float* in = patch + order[starts[b]] * p2;
-      if (job.compact) {  // bucket after bucket, in the kernel's order
-        if (size > 1) {
-          MeanOfPatches<25>(patch, order + starts[b], size, inputs + b * 25);
-        } else {
-          std::memcpy(inputs + b * 25, in, 25 * sizeof(float));  // a fixed size: inlined
-        }
-        continue;
-      }
-      if (size > 1) {
-        MeanOfPatches<0>(patch, order + starts[b], size, s.merged.data(), p2);
-        in = s.merged.data();
-      }
-      for (int64_t group = 0; group < groups; ++group) {
-        float* dst = inputs + (group * buckets + b) * taps * pixels;
-        const int64_t* gather = s.gather.data() + group * taps * pixels;
-        for (int64_t j = 0; j < taps * pixels; ++j) dst[j] = gather[j] >= 0 ? in[gather[j]] : 0.0f;
-      }
-    }
-    laps.To(kMeans);
+  // Buckets come kind after kind (BucketKind: the kernel has a loop for each), each kind in
+  // the order of its first channel, so that the kernel walks the filters forwards; channels
+  // stay in ascending order in each bucket.
+  int32_t* order = chunk.order.data() + t * g.c;
+  int32_t* starts = chunk.starts.data() + t * (g.c + 1);
+  int32_t next[kBucketKinds] = {};
+  for (int64_t b = 0; b < buckets; ++b) ++next[BucketKind(s.size[b])];
+  for (int64_t kind = kBucketKinds - 1, total = buckets; kind >= 0; --kind) {
+    next[kind] = static_cast<int32_t>(total -= next[kind]);  // where the kind starts
   }
+  starts[0] = 0;
+  for (int64_t b = 0; b < buckets; ++b) {
+    s.rank[b] = next[BucketKind(s.size[b])]++;
+    starts[s.rank[b] + 1] = s.size[b];
+  }
+  for (int64_t b = 0; b < buckets; ++b) starts[b + 1] += starts[b];
+  for (int64_t b = 0; b < buckets; ++b) s.rank[b] = starts[s.rank[b]];  // where it fills from
+  for (int64_t c = 0; c < g.c; ++c) order[s.rank[s.bucket[c]]++] = static_cast<int32_t>(c);
+  laps.To(kGroup);
+
+  for (int64_t b = 0; b < buckets; ++b) {
+    const int64_t size = starts[b + 1] - starts[b];
+    float* in = patch + order[starts[b]] * p2;
+    if (job.compact) {  // bucket after bucket, in the kernel's order
+      if (size > 1) {
+        MeanOfPatches<25>(patch, order + starts[b], size, inputs + b * 25);
+      } else {
+        std::memcpy(inputs + b * 25, in, 25 * sizeof(float));  // a fixed size: inlined
+      }
+      continue;
+    }
+    if (size > 1) {
+      MeanOfPatches<0>(patch, order + starts[b], size, s.merged.data(), p2);
+      in = s.merged.data();
+    }
+    for (int64_t group = 0; group < groups; ++group) {
+      float* dst = inputs + (group * buckets + b) * taps * pixels;
+      const int64_t* gather = s.gather.data() + group * taps * pixels;
+      for (int64_t j = 0; j < taps * pixels; ++j) dst[j] = gather[j] >= 0 ? in[gather[j]] : 0.0f;
+    }
+  }
+  laps.To(kMeans);
 }
 
 // Inputs of at most this many floats are laid out at once (a chunk of tile rows, at least one).
@@ -1122,9 +1102,7 @@ void RunJob(const Ort::KernelContext& context, Job& job) {
   std::vector<WorkItem> items;
   for (chunk.first_row = 0; chunk.first_row < total_rows; chunk.first_row += chunk.rows) {
     chunk.rows = std::min(chunk_rows, total_rows - chunk.first_row);
-    ParallelFor<ChunkBuckets>(
-        context, job, chunk, chunk.rows,
-        [](const Job& job, ChunkBuckets& chunk, int64_t row) { HashRow(job, chunk, row); });
+    ParallelFor<ChunkBuckets>(context, job, chunk, chunk.rows * g.tiles_x, HashTile);
     // Groups of consecutive rows whose inputs fit in kGroupFloats, times ranges of filter blocks.
     items.clear();
     const int64_t item_blocks = std::max<int64_t>(1, kItemChannels / job.lanes);
@@ -1473,14 +1451,13 @@ extern "C" int HasteConvTileCodes(const float* x, const int64_t* x_shape, const 
     const int64_t lanes = FilterLanes();  // the hashing of the kernel a session would run
     const Geometry g = MakeGeometry(xs, {1, xs[1], kernel, kernel}, attrs, lanes);
     const int64_t p2 = g.patch * g.patch;
-    std::vector<float> band(g.c * g.patch * BandWidth(g)), patch(g.c * p2);
+    std::vector<float> patch(g.c * p2);
     const SparsePlanes sparse_planes(planes, num_planes, p2);
     std::vector<double> sum(p2), centered(p2 * kHashBlock);
     for (int64_t n = 0; n < g.n; ++n) {
       for (int64_t ty = 0; ty < g.tiles_y; ++ty) {
-        FillBand(g, x + n * g.c * g.h * g.w, ty, band.data());
         for (int64_t tx = 0; tx < g.tiles_x; ++tx) {
-          GatherPatch(g, band.data(), tx, patch.data());
+          FillPatch(g, x + n * g.c * g.h * g.w, ty, tx, patch.data());
           const int64_t tile_index = (n * g.tiles_y + ty) * g.tiles_x + tx;
           HashPatch(lanes, patch.data(), g.c, p2, sparse_planes, sum.data(), centered.data(),
                     codes + tile_index * g.c);
