@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from haste_onnx import ir, runtime
 from haste_onnx.errors import InputError
@@ -204,9 +203,12 @@ def verify(
     capture = [name for p in plans for name in (p.input, p.output)]
     actual = run_with_captures(converted, feeds, capture)
     by_output = {n.output[0]: n for n in converted.graph.node}
-    read = {name for plan in plans for name in by_output[plan.output].input}  # not every weight
+    # W, B and planes of the layers (initializers or Constant nodes: rewrite.plans_of read them).
+    read = {name for plan in plans for name in by_output[plan.output].input[1:] if name}
     weights = {
-        t.name: numpy_helper.to_array(t) for t in converted.graph.initializer if t.name in read
+        name: value
+        for name in read
+        if (value := ir.constant_value(converted.graph, name)) is not None
     }
     layers = []
     # An output whose size follows the values (NonZero, NonMaxSuppression, a threshold) can come

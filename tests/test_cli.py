@@ -1124,6 +1124,22 @@ def test_an_interrupt_with_stderr_closed_leaves_stdout_to_the_json(tmp_path):
     assert proc.returncode == 130 and out == b""
 
 
+def test_verify_refuses_a_hand_edited_converted_model_in_one_line(example, tmp_path):
+    assert run("convert", example, "-q")[0] == 0
+    model = onnx.load(tmp_path / "example.haste.onnx")
+    node = next(n for n in model.graph.node if n.op_type == "HasteConv")
+    (tile,) = [a for a in node.attribute if a.name == "tile"]
+    node.attribute.remove(tile)
+    node.attribute.append(onnx.helper.make_attribute("tile", [3]))
+    onnx.save(model, tmp_path / "edited.onnx")
+    code, _, err = run("verify", example, tmp_path / "edited.onnx")
+    assert code == 2 and "Traceback" not in err, err
+    assert [line for line in err.splitlines() if line.startswith("error: ")] == [
+        f"error: HasteConv {node.name!r} has tile [3], where it is a positive integer: is this "
+        "model as haste-onnx wrote it?"
+    ]
+
+
 def test_verify_exits_1_when_fidelity_fails(example, tmp_path):
     assert run("convert", example, "-q")[0] == 0
     converted = tmp_path / "example.haste.onnx"

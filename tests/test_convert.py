@@ -255,6 +255,78 @@ def test_unnamed_convs_keep_their_names_from_convert_to_verify(tmp_path):
     assert [s.name for s in checked.flops.skipped] == [s.name for s in converted.flops.skipped]
 
 
+def _edited_conversion(tmp_path: Path, edit) -> tuple[Path, Path]:
+    """vgg_like and its conversion, whose first HasteConv node ``edit(model, node)`` changed."""
+    src = save(graphs.vgg_like(), tmp_path)
+    assert convert(src, tmp_path / "out.onnx").passed
+    model = onnx.load(tmp_path / "out.onnx")
+    edit(model, next(n for n in model.graph.node if n.op_type == opdef.OP_TYPE))
+    return src, save(model, tmp_path, "edited.onnx")
+
+
+def _as_constant_nodes(model: onnx.ModelProto, node: onnx.NodeProto) -> None:
+    for name in node.input[1:]:
+        (tensor,) = [t for t in model.graph.initializer if t.name == name]
+        model.graph.initializer.remove(tensor)
+        model.graph.node.insert(0, helper.make_node("Constant", [], [name], value=tensor))
+
+
+def test_verify_reads_a_layer_whose_weights_are_constant_nodes(tmp_path):
+    src, edited = _edited_conversion(tmp_path, _as_constant_nodes)
+    checked = verify_pair(src, edited)
+    assert checked.passed, checked.verification.failures
+    assert [p.name for p in checked.layers] == ["features.1", "features.3", "features.4"]
+    assert len(checked.verification.layers) == 3
+
+
+def _set_initializer(index: int, value: np.ndarray):
+    def edit(model: onnx.ModelProto, node: onnx.NodeProto) -> None:
+        (tensor,) = [t for t in model.graph.initializer if t.name == node.input[index]]
+        tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
+
+    return edit
+
+
+def _set_attribute(name: str, value: object):
+    def edit(_model: onnx.ModelProto, node: onnx.NodeProto) -> None:
+        kept = [a for a in node.attribute if a.name != name]
+        del node.attribute[:]
+        node.attribute.extend([*kept, helper.make_attribute(name, value)])
+
+    return edit
+
+
+def _drop_bias_slot(_model: onnx.ModelProto, node: onnx.NodeProto) -> None:
+    del node.input[2]
+
+
+def _computed_bias(model: onnx.ModelProto, node: onnx.NodeProto) -> None:
+    model.graph.node.insert(0, helper.make_node("Neg", [node.input[2]], ["negated"]))
+    node.input[2] = "negated"
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_set_initializer(1, np.ones((8, 8), np.float32)), "has W of shape [8, 8]"),
+        (_set_initializer(1, np.ones((8, 8, 3, 1), np.float32)), "has W of shape [8, 8, 3, 1]"),
+        (_set_initializer(3, np.ones(25, np.float32)), "and planes of shape [25]"),
+        (_set_attribute("pads", "1"), "has pads '1', where they are four integers"),
+        (_set_attribute("pads", [1, 1]), "has pads [1, 1]"),
+        (_set_attribute("tile", [3]), "has tile [3], where it is a positive integer"),
+        (_set_attribute("tile", 0), "has tile 0"),
+        (_set_attribute("activation", "Sigmoid"), "has activation 'Sigmoid'"),
+        (_drop_bias_slot, "has 3 inputs and 1 outputs"),
+        (_computed_bias, "reads W, B or planes from something other than a constant"),
+    ],
+)
+def test_verify_refuses_a_converted_model_edited_out_of_shape(tmp_path, edit, message):
+    src, edited = _edited_conversion(tmp_path, edit)
+    with pytest.raises(InputError, match="HasteConv 'features.1' ") as error:
+        verify_pair(src, edited)
+    assert message in str(error.value)
+
+
 def test_sparse_constant_weights_are_read(tmp_path):
     result = convert(save(graphs.sparse_constant_weights(), tmp_path), tmp_path / "out.onnx")
     assert result.passed, result.verification.failures

@@ -470,22 +470,19 @@ def rewrite(
 
 
 def plans_of(model: onnx.ModelProto) -> list[LayerPlan]:
-    """The HasteConv layers of an already converted model, read back from its nodes."""
+    """The HasteConv layers of an already converted model, read back from its nodes: checked as
+    far as reading them needs (onnxruntime checks the rest when it loads the model)."""
     graph = model.graph
     plans = []
     for index, node in enumerate(graph.node):
         if node.op_type != opdef.OP_TYPE or node.domain != opdef.DOMAIN:
             continue
-        weight, planes = (
-            ir.constant_value(graph, node.input[1]),
-            ir.constant_value(graph, node.input[3]),
-        )
-        if weight is None or planes is None:
-            raise InputError(f"HasteConv {node.name!r}: weight and planes must be initializers")
+        name = node.name or f"{opdef.OP_TYPE}_{index}({node.output[0] if node.output else ''})"
+        weight, planes = _read_back(graph, node, name)
         pads = _ints(node, "pads", [0, 0, 0, 0])
         plans.append(
             LayerPlan(
-                name=node.name or f"{opdef.OP_TYPE}_{index}({node.output[0]})",
+                name=name,
                 input=node.input[0],
                 output=node.output[0],
                 in_channels=int(weight.shape[1]),
@@ -500,3 +497,37 @@ def plans_of(model: onnx.ModelProto) -> list[LayerPlan]:
             )
         )
     return plans
+
+
+def _read_back(
+    graph: onnx.GraphProto, node: onnx.NodeProto, name: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """W and planes of HasteConv ``node``, once its inputs and attributes have the types and
+    ranks a LayerPlan reads (InputError otherwise: a model edited by hand)."""
+
+    def bad(what: str) -> InputError:
+        return InputError(f"HasteConv {name!r} {what}: is this model as haste-onnx wrote it?")
+
+    if len(node.input) != 4 or len(node.output) != 1:
+        raise bad(
+            f"has {len(node.input)} inputs and {len(node.output)} outputs, where it takes X, W, "
+            "B (an empty name when there is none) and planes, and gives Y"
+        )
+    weight, bias, planes = (ir.constant_value(graph, i) if i else None for i in node.input[1:])
+    if weight is None or planes is None or (node.input[2] and bias is None):
+        raise bad("reads W, B or planes from something other than a constant")
+    if weight.ndim != 4 or weight.shape[2] != weight.shape[3] or planes.ndim != 2:
+        raise bad(
+            f"has W of shape {list(weight.shape)} and planes of shape {list(planes.shape)}, "
+            "where they are [M, C, K, K] and [L, P*P]"
+        )
+    pads = ir.attribute(node, "pads", [0, 0, 0, 0])
+    if not isinstance(pads, list) or len(pads) != 4 or not all(isinstance(p, int) for p in pads):
+        raise bad(f"has pads {pads!r}, where they are four integers")
+    tile = ir.attribute(node, "tile", opdef.DEFAULT_TILE)
+    if not isinstance(tile, int) or tile < 1:
+        raise bad(f"has tile {tile!r}, where it is a positive integer")
+    activation = ir.attribute(node, "activation", "")
+    if activation not in opdef.ACTIVATIONS:
+        raise bad(f"has activation {activation!r}, where it is one of {opdef.ACTIVATIONS}")
+    return weight, planes
