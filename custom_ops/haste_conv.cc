@@ -1194,7 +1194,8 @@ bool Reads(Read read) {
 // and has no call that tells whether one is present: a getter fails when the attribute is absent,
 // the getter of a single value also when it has another type, and the list getters read an
 // attribute of another type as an empty list (kEmptyList: an empty list, or a type that no getter
-// reads, such as strings). So the attribute is absent only if no getter reads it.
+// reads, such as strings; a tensor has a getter of its own, asked first). So the attribute is
+// absent only if no getter reads it.
 AttributeType TypeOf(const Ort::ConstKernelInfo& info, const char* name) {
   if (Reads([&] { info.GetAttribute<int64_t>(name); })) return AttributeType::kInt;
   if (Reads([&] { info.GetAttribute<float>(name); })) return AttributeType::kFloat;
@@ -1205,10 +1206,9 @@ AttributeType TypeOf(const Ort::ConstKernelInfo& info, const char* name) {
   const bool float_list = Reads([&] { floats = info.GetAttributes<float>(name); });
   if (!ints.empty()) return AttributeType::kInts;
   if (!floats.empty()) return AttributeType::kFloats;
-  if (int_list || float_list) return AttributeType::kEmptyList;
-  Ort::AllocatorWithDefaultOptions allocator;
+  Ort::AllocatorWithDefaultOptions allocator;  // a tensor, which the list getters read as []
   if (Reads([&] { info.GetTensorAttribute(name, allocator); })) return AttributeType::kTensor;
-  return AttributeType::kAbsent;
+  return int_list || float_list ? AttributeType::kEmptyList : AttributeType::kAbsent;
 }
 
 // Attribute `name` of type T (int64_t or std::string), or `fallback` when it is absent; fails

@@ -566,6 +566,16 @@ WRONG_ATTRIBUTES = {
     "tile float": ("tile", 4.0, "tile must be an int, got a float"),
     "kernel_shape floats": ("kernel_shape", [5.0, 5.0], "kernel_shape must be ints, got floats"),
     "strides floats": ("strides", [2.0, 2.0], "strides must be ints, got floats"),
+    "kernel_shape tensor": (
+        "kernel_shape",
+        numpy_helper.from_array(np.array([3, 3], np.int64)),
+        "kernel_shape must be ints, got a tensor",
+    ),
+    "pads tensor": (
+        "pads",
+        numpy_helper.from_array(np.zeros(4, np.int64)),
+        "pads must be ints, got a tensor",
+    ),
     "empty pads": (
         "pads",
         helper.make_attribute("pads", [], attr_type=onnx.AttributeProto.INTS),
