@@ -40,7 +40,7 @@ int main(int argc, char** argv) {
   for (int c = channels - size * merged; c < channels; c += size) starts.push_back(c);
   starts.push_back(channels);
   const int64_t buckets = static_cast<int64_t>(starts.size()) - 1;
-  const ConvTile3Fn kernel = ConvTile3For<8>(3, 3);
+  const ConvTile3Fn kernel = ConvTile3For<8>(3, 3, false, false);
   const int calls = 20000;
   double best = 1e30;
   for (int trial = 0; trial < 7; ++trial) {

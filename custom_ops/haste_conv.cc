@@ -537,8 +537,10 @@ __attribute__((always_inline)) inline void Unroll(F&& f) {
 // kernel rows are the same memory: shared, the broadcasts would outlive the registers and spill.
 // Kernel row ky adds into chain ky % kChains of each output (ConvTile3With), so that the kChains
 // sums of an output wait on each other's multiply-adds less; each tap sums its channels in the
-// bucket's order.
-template <int kLanes, int kRows, int kCols, int kChains, int kSize, typename Reg>
+// bucket's order. Only kernel rows 0 .. kTapRows - 1 and columns 0 .. kTapCols - 1 are used: the
+// others read only padding (ConvTile3For).
+template <int kLanes, int kRows, int kCols, int kTapRows, int kTapCols, int kChains, int kSize,
+          typename Reg>
 __attribute__((always_inline)) inline void Tile3Bucket(const float* v, const float* filters,
                                                        const int32_t* channel, int32_t size,
                                                        Reg* acc) {
@@ -549,9 +551,9 @@ __attribute__((always_inline)) inline void Tile3Bucket(const float* v, const flo
   };
   const Vec* w = filter(0);
   const Vec* w1 = filter(kSize == 2 ? 1 : 0);
-  Unroll<3>([&](auto ky) __attribute__((always_inline)) {
+  Unroll<kTapRows>([&](auto ky) __attribute__((always_inline)) {
     Reg wk[3];
-    Unroll<3>([&](auto kx) __attribute__((always_inline)) {
+    Unroll<kTapCols>([&](auto kx) __attribute__((always_inline)) {
       if constexpr (kSize == 2) {
         wk[kx] = w[ky * 3 + kx] + w1[ky * 3 + kx];
       } else {
@@ -560,7 +562,7 @@ __attribute__((always_inline)) inline void Tile3Bucket(const float* v, const flo
     });
     for (int32_t i = 1; kSize == 0 && i < size; ++i) {
       const Vec* more = filter(i) + ky * 3;
-      Unroll<3>([&](auto kx) __attribute__((always_inline)) {
+      Unroll<kTapCols>([&](auto kx) __attribute__((always_inline)) {
         const Reg tap = more[kx];
         wk[kx] += tap;
       });
@@ -569,14 +571,15 @@ __attribute__((always_inline)) inline void Tile3Bucket(const float* v, const flo
       const float* row = v + (oy + ky) * 5;
       asm volatile("" : "+r"(row));
       // Input column j meets output column ox at tap j - ox.
-      Unroll<kCols + 2>([&](auto j) __attribute__((always_inline)) {
+      Unroll<kCols + kTapCols - 1>([&](auto j) __attribute__((always_inline)) {
         Reg in_j;
         Splat<kLanes>(row + j, &in_j);
         Unroll<3>([&](auto kx) __attribute__((always_inline)) {
-          constexpr int ox = decltype(j)::value - 2 + decltype(kx)::value;  // kx = 2, 1, 0
-          if constexpr (ox >= 0 && ox < kCols) {
+          constexpr int tap = 2 - decltype(kx)::value;  // 2, 1, 0
+          constexpr int ox = decltype(j)::value - tap;
+          if constexpr (ox >= 0 && ox < kCols && tap < kTapCols) {
             constexpr int chain = std::remove_reference_t<decltype(ky)>::value % kChains;
-            MultiplyAdd<kLanes>(&acc[chain * kRows * kCols + oy * kCols + ox], in_j, wk[2 - kx]);
+            MultiplyAdd<kLanes>(&acc[chain * kRows * kCols + oy * kCols + ox], in_j, wk[tap]);
           }
         });
       });
@@ -663,7 +666,7 @@ __attribute__((target("avx512f"), noinline)) void SumLargeBucketsAvx512(
 // as the registers hold beside the taps and a broadcast (16 with AVX2 or SSE, 32 with AVX-512),
 // then the chains are added: one chain made every multiply-add of an output wait on the one before
 // (4-5 % of the time on the layers measured; docs/speed.md).
-template <int kLanes, int kRows, int kCols>
+template <int kLanes, int kRows, int kCols, int kTapRows, int kTapCols>
 __attribute__((always_inline)) inline void ConvTile3With(const float* in, const int32_t* order,
                                                          const int32_t* starts, int64_t buckets,
                                                          const float* filters, float* wsum,
@@ -697,10 +700,21 @@ __attribute__((always_inline)) inline void ConvTile3With(const float* in, const 
   auto loop = [&](auto size, int64_t end) __attribute__((always_inline)) {
     // the buckets of `size` channels (any number up to kSumInline if 0) before `end`
     for (; b < end && (size == 0 || starts[b + 1] - starts[b] == size); ++b) {
-      if (b + kPrefetch < end) PrefetchFilters(filters, kStride, order, starts, b + kPrefetch);
+      if (b + kPrefetch < end) {
+        if constexpr (kTapRows * kTapCols == 9) {
+          PrefetchFilters(filters, kStride, order, starts, b + kPrefetch);
+        } else {  // only the taps used
+          for (int32_t i = starts[b + kPrefetch]; i < starts[b + kPrefetch + 1]; ++i) {
+            Unroll<kTapRows * kTapCols>([&](auto k) __attribute__((always_inline)) {
+              constexpr int tap = k / kTapCols * 3 + k % kTapCols;
+              __builtin_prefetch(filters + order[i] * kStride + tap * kLanes);
+            });
+          }
+        }
+      }
       ahead.Step();
       const int32_t* channel = order + starts[b];
-      Tile3Bucket<kLanes, kRows, kCols, kChains, decltype(size)::value>(
+      Tile3Bucket<kLanes, kRows, kCols, kTapRows, kTapCols, kChains, decltype(size)::value>(
           in + b * 25, filters, channel, starts[b + 1] - starts[b], acc);
     }
   };
@@ -709,8 +723,8 @@ __attribute__((always_inline)) inline void ConvTile3With(const float* in, const 
   loop(std::integral_constant<int, 0>{}, large);
   static constexpr int32_t kFirst[1] = {0};  // a larger bucket's summed filters, as one channel
   for (; b < buckets; ++b) {
-    Tile3Bucket<kLanes, kRows, kCols, kChains, 1>(in + b * 25, wsum + (b - large) * kStride, kFirst,
-                                                  1, acc);
+    Tile3Bucket<kLanes, kRows, kCols, kTapRows, kTapCols, kChains, 1>(
+        in + b * 25, wsum + (b - large) * kStride, kFirst, 1, acc);
   }
   const Reg shift = *reinterpret_cast<const Vec*>(bias);
   Unroll<kOutputs>([&](auto p) __attribute__((always_inline)) {
@@ -731,55 +745,69 @@ using ConvTile3Fn = void (*)(const float* in, const int32_t* order, const int32_
                              int64_t buckets, const float* filters, float* wsum, const float* bias,
                              bool relu, float* out, BlockAhead ahead);
 
-template <int kRows, int kCols>
+template <int kRows, int kCols, int kTapRows, int kTapCols>
 __attribute__((noinline)) void ConvTile3Portable(const float* in, const int32_t* order,
                                                  const int32_t* starts, int64_t buckets,
                                                  const float* filters, float* wsum,
                                                  const float* bias, bool relu, float* out,
                                                  BlockAhead ahead) {
-  ConvTile3With<4, kRows, kCols>(in, order, starts, buckets, filters, wsum, bias, relu, out, ahead);
+  ConvTile3With<4, kRows, kCols, kTapRows, kTapCols>(in, order, starts, buckets, filters, wsum,
+                                                     bias, relu, out, ahead);
 }
 
 #if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
-template <int kRows, int kCols>
+template <int kRows, int kCols, int kTapRows, int kTapCols>
 __attribute__((target("avx2,fma"), noinline)) void ConvTile3Avx2(
     const float* in, const int32_t* order, const int32_t* starts, int64_t buckets,
     const float* filters, float* wsum, const float* bias, bool relu, float* out, BlockAhead ahead) {
-  ConvTile3With<8, kRows, kCols>(in, order, starts, buckets, filters, wsum, bias, relu, out, ahead);
+  ConvTile3With<8, kRows, kCols, kTapRows, kTapCols>(in, order, starts, buckets, filters, wsum,
+                                                     bias, relu, out, ahead);
 }
 
-template <int kRows, int kCols>
+template <int kRows, int kCols, int kTapRows, int kTapCols>
 __attribute__((target("avx512f"), noinline)) void ConvTile3Avx512(
     const float* in, const int32_t* order, const int32_t* starts, int64_t buckets,
     const float* filters, float* wsum, const float* bias, bool relu, float* out, BlockAhead ahead) {
-  ConvTile3With<16, kRows, kCols>(in, order, starts, buckets, filters, wsum, bias, relu, out,
-                                  ahead);
+  ConvTile3With<16, kRows, kCols, kTapRows, kTapCols>(in, order, starts, buckets, filters, wsum,
+                                                      bias, relu, out, ahead);
 }
 #endif
 
-// The kernel for a kLanes-wide filter block and `rows` x `cols` valid outputs (1-3 each).
-template <int kLanes>
-ConvTile3Fn ConvTile3For(int64_t rows, int64_t cols) {
+// The instance of the kernel for kLanes-wide filter blocks.
+template <int kLanes, int kRows, int kCols, int kTapRows = 3, int kTapCols = 3>
+constexpr ConvTile3Fn Tile3() {
 #if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
-  if constexpr (kLanes == 16) {
-    static constexpr ConvTile3Fn table[9] = {
-        ConvTile3Avx512<1, 1>, ConvTile3Avx512<1, 2>, ConvTile3Avx512<1, 3>,
-        ConvTile3Avx512<2, 1>, ConvTile3Avx512<2, 2>, ConvTile3Avx512<2, 3>,
-        ConvTile3Avx512<3, 1>, ConvTile3Avx512<3, 2>, ConvTile3Avx512<3, 3>};
-    return table[(rows - 1) * 3 + cols - 1];
-  }
-  if constexpr (kLanes == 8) {
-    static constexpr ConvTile3Fn table[9] = {
-        ConvTile3Avx2<1, 1>, ConvTile3Avx2<1, 2>, ConvTile3Avx2<1, 3>,
-        ConvTile3Avx2<2, 1>, ConvTile3Avx2<2, 2>, ConvTile3Avx2<2, 3>,
-        ConvTile3Avx2<3, 1>, ConvTile3Avx2<3, 2>, ConvTile3Avx2<3, 3>};
-    return table[(rows - 1) * 3 + cols - 1];
-  }
+  if constexpr (kLanes == 16) return ConvTile3Avx512<kRows, kCols, kTapRows, kTapCols>;
+  if constexpr (kLanes == 8) return ConvTile3Avx2<kRows, kCols, kTapRows, kTapCols>;
 #endif
+  return ConvTile3Portable<kRows, kCols, kTapRows, kTapCols>;
+}
+
+// The kernel for a kLanes-wide filter block and `rows` x `cols` valid outputs (1-3 each). A tile
+// of one row whose kernel row 2 reads only the padding below X (`below`: the last row of tiles
+// of a map whose height is 1 more than a multiple of 3, with one row of padding) leaves that
+// kernel row out; so does a tile of one column with kernel column 2 (`beside`). Those taps would
+// multiply zeros: every output is the same, but for a filter with an infinity, which would make
+// NaN with them.
+template <int kLanes>
+ConvTile3Fn ConvTile3For(int64_t rows, int64_t cols, bool below, bool beside) {
   static constexpr ConvTile3Fn table[9] = {
-      ConvTile3Portable<1, 1>, ConvTile3Portable<1, 2>, ConvTile3Portable<1, 3>,
-      ConvTile3Portable<2, 1>, ConvTile3Portable<2, 2>, ConvTile3Portable<2, 3>,
-      ConvTile3Portable<3, 1>, ConvTile3Portable<3, 2>, ConvTile3Portable<3, 3>};
+      Tile3<kLanes, 1, 1>(), Tile3<kLanes, 1, 2>(), Tile3<kLanes, 1, 3>(),
+      Tile3<kLanes, 2, 1>(), Tile3<kLanes, 2, 2>(), Tile3<kLanes, 2, 3>(),
+      Tile3<kLanes, 3, 1>(), Tile3<kLanes, 3, 2>(), Tile3<kLanes, 3, 3>()};
+  below = below && rows == 1;
+  beside = beside && cols == 1;
+  if (below && beside) return Tile3<kLanes, 1, 1, 2, 2>();
+  if (below) {
+    static constexpr ConvTile3Fn row[3] = {Tile3<kLanes, 1, 1, 2, 3>(), Tile3<kLanes, 1, 2, 2, 3>(),
+                                           Tile3<kLanes, 1, 3, 2, 3>()};
+    return row[cols - 1];
+  }
+  if (beside) {
+    static constexpr ConvTile3Fn column[3] = {
+        Tile3<kLanes, 1, 1, 3, 2>(), Tile3<kLanes, 2, 1, 3, 2>(), Tile3<kLanes, 3, 1, 3, 2>()};
+    return column[rows - 1];
+  }
   return table[(rows - 1) * 3 + cols - 1];
 }
 
@@ -830,8 +858,9 @@ __attribute__((always_inline)) inline void ConvWith(const Job& job, const ChunkB
             BlockAhead ahead{next + first * 64, block_lines * (slice + 1) / item_tiles - first, 0};
             ahead.per_bucket = (ahead.lines + buckets - 1) / std::max<int64_t>(buckets, 1);
             // Only the rows x cols outputs inside Y, packed in `out` row after row.
-            ConvTile3For<kLanes>(rows, cols)(in, order, starts, buckets, filters, sum, bias,
-                                             job.relu, out, ahead);
+            const bool below = y0 + 2 - g.pad_top >= g.h, beside = x0 + 2 - g.pad_left >= g.w;
+            ConvTile3For<kLanes>(rows, cols, below, beside)(in, order, starts, buckets, filters,
+                                                            sum, bias, job.relu, out, ahead);
             const bool full = rows * cols == 9;
             laps.To(full ? kConvFull : kConvEdge);
             Tally(full ? kFullTiles : kEdgeTiles, 1);
@@ -839,7 +868,9 @@ __attribute__((always_inline)) inline void ConvWith(const Job& job, const ChunkB
               Tally(kFullBuckets, buckets);
               Tally(kFullMerged, g.c - buckets);
             } else {
-              Tally(kEdgeFmas, buckets * rows * cols * 9);
+              const int64_t taps_used =
+                  (below && rows == 1 ? 2 : 3) * (beside && cols == 1 ? 2 : 3);
+              Tally(kEdgeFmas, buckets * rows * cols * taps_used);
             }
             // Channel by channel, so that each output row's few floats are stored together.
             for (int64_t l = 0; l < lanes; ++l) {

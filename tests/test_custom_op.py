@@ -240,6 +240,29 @@ def test_every_kind_of_bucket_matches_reference() -> None:
     assert cmp.error <= 1e-4
 
 
+@pytest.mark.parametrize(
+    ("h", "w", "pads"),
+    [
+        (7, 7, (1, 1, 1, 1)),  # a row and a column of tiles one output wide, and their corner
+        (4, 10, (1, 1, 1, 1)),  # one of each: 4 = 3 + 1 rows, 10 = 3 * 3 + 1 columns
+        (10, 4, (0, 0, 2, 2)),  # the padding all below and beside: 10 x 4 outputs
+        (5, 5, (2, 2, 0, 0)),  # the padding all above and to the left: 3 x 3 outputs, one tile
+        (6, 6, (1, 1, 2, 2)),  # 7 x 7 outputs, the last row and column two rows of padding deep
+        (6, 6, (0, 0, 0, 0)),  # 4 x 4 outputs, whose last row and column read X, not padding
+        (8, 8, (1, 0, 0, 1)),  # 7 x 7 outputs: the last row reads X, the last column padding
+    ],
+)
+def test_tiles_beside_the_padding_match_reference(h: int, w: int, pads: tuple) -> None:
+    """The 3x3 kernel leaves out the kernel row (column) of a one-row (one-column) tile that reads
+    only padding: the outputs must stay those of the reference."""
+    rng = np.random.default_rng(h * 100 + w)
+    case = dict(n=2, c=40, m=20, h=h, w=w, k=3, num_planes=4, bias=True, sparsity=2 / 3, tile=3)
+    x, weight, bias, planes = _inputs(rng, case)
+    cmp = Comparison(x, weight, planes, bias, pads=pads)
+    assert cmp.agreement == 1.0, f"{cmp.codes_agreeing}/{cmp.codes_total} codes agree"
+    assert cmp.error <= 1e-6
+
+
 def test_random_shapes_sweep() -> None:
     """Many small random shapes, tiles and planes: codes agree on >= 99.99 % of (tile, channel)."""
     rng = np.random.default_rng(11)
