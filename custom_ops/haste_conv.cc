@@ -787,8 +787,8 @@ constexpr ConvTile3Fn Tile3() {
 // of one row whose kernel row 2 reads only the padding below X (`below`: the last row of tiles
 // of a map whose height is 1 more than a multiple of 3, with one row of padding) leaves that
 // kernel row out; so does a tile of one column with kernel column 2 (`beside`). Those taps would
-// multiply zeros: every output is the same, but for a filter with an infinity, which would make
-// NaN with them.
+// multiply zeros: every output is the same, but for a filter with an infinity or a NaN, which would
+// make NaN with them.
 template <int kLanes>
 ConvTile3Fn ConvTile3For(int64_t rows, int64_t cols, bool below, bool beside) {
   static constexpr ConvTile3Fn table[9] = {
