@@ -597,15 +597,23 @@ inline int BucketKind(int32_t size) { return size <= 2 ? size - 1 : size <= kSum
 // How many channels ahead SumLargeBuckets prefetches filters.
 constexpr int32_t kSumAhead = 4;
 
+// Tap k of the kTapRows x kTapCols used by a tile (Tile3Bucket), as a tap of the 3x3 kernel.
+template <int kTapCols>
+constexpr int UsedTap(int k) {
+  return k / kTapCols * 3 + k % kTapCols;
+}
+
 // wsum [buckets - large, 9, kLanes] = the summed filters of each of a tile's buckets [large,
-// buckets) in one filter block [C, 9, kLanes], whole filters at a time: nine independent sums run
-// at the adders' throughput and read each filter in one stream. The filters are prefetched
+// buckets) in one filter block [C, 9, kLanes], whole filters at a time (their first kTaps taps:
+// 6 for a tile that leaves out kernel row 2, Tile3Bucket; one that leaves out kernel column 2
+// still reads all nine, whose gaps made the reads slower): kTaps independent sums run at the
+// adders' throughput and read each filter in one stream. The filters are prefetched
 // kSumAhead channels ahead, across buckets: these buckets hold up to hundreds of channels, and
 // prefetching a whole bucket ahead asked for hundreds of cache lines at once (in kernel_loop with
 // buckets of 64 channels, 2911 -> 1891 ns per tile). A function of its own, not inlined into the
 // kernel: inlined, the prefetch cost the kernel's other loops 8-10 % on layers without such
 // buckets.
-template <int kLanes>
+template <int kLanes, int kTaps>
 __attribute__((always_inline)) inline void SumLargeBucketsWith(const float* filters,
                                                                const int32_t* order,
                                                                const int32_t* starts, int64_t large,
@@ -616,40 +624,45 @@ __attribute__((always_inline)) inline void SumLargeBucketsWith(const float* filt
   Vec* sums = reinterpret_cast<Vec*>(wsum);
   const int32_t end = starts[buckets];
   auto fetch = [&](int32_t i) __attribute__((always_inline)) {
-    if (i < end) PrefetchFilter(filters, 9 * kLanes, order[i]);
+    if (i >= end) return;
+    const float* filter = filters + order[i] * 9 * kLanes;
+    for (int j = 0; j < kTaps * kLanes; j += 64 / sizeof(float)) __builtin_prefetch(filter + j);
   };
   for (int32_t i = starts[large]; i < starts[large] + kSumAhead; ++i) fetch(i);
   for (int64_t b = large; b < buckets; ++b) {
     ahead->Step();
-    Vec sum[9];
+    Vec sum[kTaps];
     fetch(starts[b] + kSumAhead);
-    for (int t = 0; t < 9; ++t) sum[t] = w[order[starts[b]] * 9 + t];
+    for (int t = 0; t < kTaps; ++t) sum[t] = w[order[starts[b]] * 9 + t];
     for (int32_t i = starts[b] + 1; i < starts[b + 1]; ++i) {
       fetch(i + kSumAhead);
-      for (int t = 0; t < 9; ++t) sum[t] += w[order[i] * 9 + t];
+      for (int t = 0; t < kTaps; ++t) sum[t] += w[order[i] * 9 + t];
     }
-    for (int t = 0; t < 9; ++t) sums[(b - large) * 9 + t] = sum[t];
+    for (int t = 0; t < kTaps; ++t) sums[(b - large) * 9 + t] = sum[t];
   }
 }
 
+template <int kTaps>
 __attribute__((noinline)) void SumLargeBucketsPortable(const float* filters, const int32_t* order,
                                                        const int32_t* starts, int64_t large,
                                                        int64_t buckets, float* wsum,
                                                        BlockAhead* ahead) {
-  SumLargeBucketsWith<4>(filters, order, starts, large, buckets, wsum, ahead);
+  SumLargeBucketsWith<4, kTaps>(filters, order, starts, large, buckets, wsum, ahead);
 }
 
 #if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
+template <int kTaps>
 __attribute__((target("avx2,fma"), noinline)) void SumLargeBucketsAvx2(
     const float* filters, const int32_t* order, const int32_t* starts, int64_t large,
     int64_t buckets, float* wsum, BlockAhead* ahead) {
-  SumLargeBucketsWith<8>(filters, order, starts, large, buckets, wsum, ahead);
+  SumLargeBucketsWith<8, kTaps>(filters, order, starts, large, buckets, wsum, ahead);
 }
 
+template <int kTaps>
 __attribute__((target("avx512f"), noinline)) void SumLargeBucketsAvx512(
     const float* filters, const int32_t* order, const int32_t* starts, int64_t large,
     int64_t buckets, float* wsum, BlockAhead* ahead) {
-  SumLargeBucketsWith<16>(filters, order, starts, large, buckets, wsum, ahead);
+  SumLargeBucketsWith<16, kTaps>(filters, order, starts, large, buckets, wsum, ahead);
 }
 #endif
 
@@ -679,14 +692,14 @@ __attribute__((always_inline)) inline void ConvTile3With(const float* in, const 
   if (large < buckets) {
 #if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
     if constexpr (kLanes == 16) {
-      SumLargeBucketsAvx512(filters, order, starts, large, buckets, wsum, &ahead);
+      SumLargeBucketsAvx512<kTapRows * 3>(filters, order, starts, large, buckets, wsum, &ahead);
     } else if constexpr (kLanes == 8) {
-      SumLargeBucketsAvx2(filters, order, starts, large, buckets, wsum, &ahead);
+      SumLargeBucketsAvx2<kTapRows * 3>(filters, order, starts, large, buckets, wsum, &ahead);
     } else {
-      SumLargeBucketsPortable(filters, order, starts, large, buckets, wsum, &ahead);
+      SumLargeBucketsPortable<kTapRows * 3>(filters, order, starts, large, buckets, wsum, &ahead);
     }
 #else
-    SumLargeBucketsPortable(filters, order, starts, large, buckets, wsum, &ahead);
+    SumLargeBucketsPortable<kTapRows * 3>(filters, order, starts, large, buckets, wsum, &ahead);
 #endif
   }
   // Accumulators in registers: a type without may_alias, indexed by constants only (Unroll).
@@ -706,8 +719,7 @@ __attribute__((always_inline)) inline void ConvTile3With(const float* in, const 
         } else {  // only the taps used
           for (int32_t i = starts[b + kPrefetch]; i < starts[b + kPrefetch + 1]; ++i) {
             Unroll<kTapRows * kTapCols>([&](auto k) __attribute__((always_inline)) {
-              constexpr int tap = k / kTapCols * 3 + k % kTapCols;
-              __builtin_prefetch(filters + order[i] * kStride + tap * kLanes);
+              __builtin_prefetch(filters + order[i] * kStride + UsedTap<kTapCols>(k) * kLanes);
             });
           }
         }
@@ -827,7 +839,14 @@ __attribute__((always_inline)) inline void ConvWith(const Job& job, const ChunkB
   Laps laps;
   const int64_t blocks = (g.m + kLanes - 1) / kLanes, block_floats = g.c * taps * kLanes;
   const int64_t block_lines = (block_floats * int64_t{sizeof(float)} + 63) / 64;
-  const int64_t item_tiles = (item.row_end - item.row_begin) * g.tiles_x;
+  // Outputs of the item's rows before row r, for r in [row_begin, row_end]: each tile prefetches
+  // a share of the next block in proportion to its outputs, which its time follows (a tile cut by
+  // the edge of Y is quicker, and would otherwise fetch as many lines in less time).
+  int64_t item_outputs = 0;
+  for (int64_t row = item.row_begin; row < item.row_end; ++row) {
+    const int64_t ty = (chunk.first_row + row) % g.tiles_y;
+    item_outputs += std::min(tile, g.out_h - ty * tile) * g.out_w;
+  }
   for (int64_t block = item.block_begin; block < item.block_end; ++block) {
     const int64_t m0 = block * kLanes;
     const float* filters = job.filters + block * block_floats;
@@ -838,6 +857,7 @@ __attribute__((always_inline)) inline void ConvWith(const Job& job, const ChunkB
     const int64_t lanes = std::min<int64_t>(kLanes, g.m - m0);
     float bias[kLanes] = {};
     if (job.bias) std::copy(job.bias + m0, job.bias + m0 + lanes, bias);
+    int64_t outputs_before = 0;  // those of the item's rows before this one
     for (int64_t row = item.row_begin; row < item.row_end; ++row) {
       const int64_t n = (chunk.first_row + row) / g.tiles_y,
                     ty = (chunk.first_row + row) % g.tiles_y;
@@ -853,9 +873,10 @@ __attribute__((always_inline)) inline void ConvWith(const Job& job, const ChunkB
               chunk.inputs.data() + t * chunk.per_tile + group * buckets * taps * kPixels;
           if constexpr (kTile == 3) {
             // This tile's slice of the next block, a few lines per bucket.
-            const int64_t slice = (row - item.row_begin) * g.tiles_x + tx;
-            const int64_t first = block_lines * slice / item_tiles;
-            BlockAhead ahead{next + first * 64, block_lines * (slice + 1) / item_tiles - first, 0};
+            const int64_t before = outputs_before + rows * x0;
+            const int64_t first = block_lines * before / item_outputs;
+            BlockAhead ahead{next + first * 64,
+                             block_lines * (before + rows * cols) / item_outputs - first, 0};
             ahead.per_bucket = (ahead.lines + buckets - 1) / std::max<int64_t>(buckets, 1);
             // Only the rows x cols outputs inside Y, packed in `out` row after row.
             const bool below = y0 + 2 - g.pad_top >= g.h, beside = x0 + 2 - g.pad_left >= g.w;
@@ -895,6 +916,7 @@ __attribute__((always_inline)) inline void ConvWith(const Job& job, const ChunkB
           }
         }
       }
+      outputs_before += rows * g.out_w;
     }
   }
 }
