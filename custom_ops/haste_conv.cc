@@ -202,11 +202,11 @@ __attribute__((optimize("no-tree-loop-distribute-patterns"))) void FillPatch(con
   for (int64_t c = 0; c < g.c; ++c) {
     for (int64_t py = 0; py < p; ++py, patch += p) {
       const int64_t iy = y0 + py;
-      if (iy < 0 || iy >= g.h) {
+      if (iy < 0 || iy >= g.h || lo == hi) {  // all padding (or beyond it)
         for (int64_t x = 0; x < p; ++x) patch[x] = 0.0f;
         continue;
       }
-      const float* src = image + (c * g.h + iy) * g.w + x0 + lo;  // column lo
+      const float* src = image + (c * g.h + iy) * g.w + x0 + lo;  // column lo, inside the row
       if (p == 5 && lo == 0 && hi == 5) {  // T = 3 and K = 3 inside the input: a fixed-size copy
         std::memcpy(patch, src, 5 * sizeof(float));
         continue;
