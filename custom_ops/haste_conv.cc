@@ -1009,7 +1009,8 @@ void MeanOfPatches(const float* patch, const int32_t* channel, int64_t size, flo
 // Scratch of one thread, reused by its tiles so that they do not allocate.
 struct TileScratch {
   std::vector<float> patch, merged;
-  std::vector<double> sum, centered;
+  std::vector<double> sum;
+  AlignedVector<double> centered;  // whole cache lines: HashPatch reads it in 64-byte vectors
   std::vector<uint64_t> codes;
   std::vector<std::pair<uint64_t, int32_t>> slots;  // GroupCodes' table
   std::vector<int32_t> bucket, size, rank;          // per channel, per bucket, per bucket
@@ -1523,7 +1524,8 @@ extern "C" int HasteConvTileCodes(const float* x, const int64_t* x_shape, const 
     const int64_t p2 = g.patch * g.patch;
     std::vector<float> patch(g.c * p2);
     const SparsePlanes sparse_planes(planes, num_planes, p2);
-    std::vector<double> sum(p2), centered(p2 * kHashBlock);
+    std::vector<double> sum(p2);
+    AlignedVector<double> centered(p2 * kHashBlock);
     for (int64_t n = 0; n < g.n; ++n) {
       for (int64_t ty = 0; ty < g.tiles_y; ++ty) {
         for (int64_t tx = 0; tx < g.tiles_x; ++tx) {
