@@ -17,6 +17,12 @@ DEFAULT_TILE = 3
 MAX_TILE = 1024
 """The largest tile edge the operator accepts (``docs/operator.md``)."""
 ACTIVATIONS = ("", "Relu")
+RUNTIME_HINT = (
+    "HasteConv nodes (domain haste_onnx) run in onnxruntime with the operator library of the "
+    "haste-onnx package: SessionOptions.register_custom_ops_library(haste_onnx.get_library_path())"
+)
+"""What a converted model says of itself (its metadata entry ``haste_onnx``), for whoever
+loads it without the library registered: onnxruntime's own error names the node only."""
 
 
 def make_node(

@@ -327,6 +327,15 @@ def test_verify_refuses_a_converted_model_edited_out_of_shape(tmp_path, edit, me
     assert message in str(error.value)
 
 
+def test_a_converted_model_says_where_its_operator_comes_from(tmp_path):
+    model = graphs.vgg_like()
+    onnx.helper.set_model_props(model, {"author": "someone"})
+    assert convert(save(model, tmp_path), tmp_path / "out.onnx").passed
+    props = {p.key: p.value for p in onnx.load(tmp_path / "out.onnx").metadata_props}
+    assert props["author"] == "someone"  # the model's own metadata stays
+    assert "register_custom_ops_library(haste_onnx.get_library_path())" in props["haste_onnx"]
+
+
 def test_sparse_constant_weights_are_read(tmp_path):
     result = convert(save(graphs.sparse_constant_weights(), tmp_path), tmp_path / "out.onnx")
     assert result.passed, result.verification.failures

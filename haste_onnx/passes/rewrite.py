@@ -466,6 +466,9 @@ def rewrite(
     ir.sync_initializer_inputs(graph, former, list_new=out.ir_version < 4)
     if plans and not any(o.domain == opdef.DOMAIN for o in out.opset_import):
         out.opset_import.append(onnx.helper.make_opsetid(opdef.DOMAIN, opdef.OPSET_VERSION))
+    if plans:  # the model's own metadata kept, and where HasteConv comes from
+        props = {p.key: p.value for p in out.metadata_props}
+        onnx.helper.set_model_props(out, {**props, opdef.DOMAIN: opdef.RUNTIME_HINT})
     return out, decisions, plans
 
 
