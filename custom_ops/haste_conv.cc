@@ -842,9 +842,9 @@ __attribute__((always_inline)) inline void ConvWith(const Job& job, const ChunkB
   Laps laps;
   const int64_t blocks = (g.m + kLanes - 1) / kLanes, block_floats = g.c * taps * kLanes;
   const int64_t block_lines = (block_floats * int64_t{sizeof(float)} + 63) / 64;
-  // Outputs of the item's rows before row r, for r in [row_begin, row_end]: each tile prefetches
-  // a share of the next block in proportion to its outputs, which its time follows (a tile cut by
-  // the edge of Y is quicker, and would otherwise fetch as many lines in less time).
+  // The item's outputs: each tile prefetches a share of the next block in proportion to its own,
+  // which its time follows (a tile cut by the edge of Y is quicker, and would otherwise fetch as
+  // many lines in less time).
   int64_t item_outputs = 0;
   for (int64_t row = item.row_begin; row < item.row_end; ++row) {
     const int64_t ty = (chunk.first_row + row) % g.tiles_y;
