@@ -799,19 +799,17 @@ constexpr ConvTile3Fn Tile3() {
 }
 
 // The kernel for a kLanes-wide filter block and `rows` x `cols` valid outputs (1-3 each). A tile
-// of one row whose kernel row 2 reads only the padding below X (`below`: the last row of tiles
-// of a map whose height is 1 more than a multiple of 3, with one row of padding) leaves that
-// kernel row out; so does a tile of one column with kernel column 2 (`beside`). Those taps would
-// multiply zeros: every output is the same, but for a filter with an infinity or a NaN, which would
-// make NaN with them.
+// of one row (rows = 1) whose kernel row 2 reads only the padding below X (`below`: the last row
+// of tiles of a map whose height is 1 more than a multiple of 3, with one row of padding) leaves
+// that kernel row out; so does a tile of one column (cols = 1) with kernel column 2 (`beside`).
+// Those taps would multiply zeros: every output is the same, but for a filter with an infinity or
+// a NaN, which would make NaN with them.
 template <int kLanes>
 ConvTile3Fn ConvTile3For(int64_t rows, int64_t cols, bool below, bool beside) {
   static constexpr ConvTile3Fn table[9] = {
       Tile3<kLanes, 1, 1>(), Tile3<kLanes, 1, 2>(), Tile3<kLanes, 1, 3>(),
       Tile3<kLanes, 2, 1>(), Tile3<kLanes, 2, 2>(), Tile3<kLanes, 2, 3>(),
       Tile3<kLanes, 3, 1>(), Tile3<kLanes, 3, 2>(), Tile3<kLanes, 3, 3>()};
-  below = below && rows == 1;
-  beside = beside && cols == 1;
   if (below && beside) return Tile3<kLanes, 1, 1, 2, 2>();
   if (below) {
     static constexpr ConvTile3Fn row[3] = {Tile3<kLanes, 1, 1, 2, 3>(), Tile3<kLanes, 1, 2, 2, 3>(),
@@ -882,7 +880,8 @@ __attribute__((always_inline)) inline void ConvWith(const Job& job, const ChunkB
                              block_lines * (before + rows * cols) / item_outputs - first, 0};
             ahead.per_bucket = (ahead.lines + buckets - 1) / std::max<int64_t>(buckets, 1);
             // Only the rows x cols outputs inside Y, packed in `out` row after row.
-            const bool below = y0 + 2 - g.pad_top >= g.h, beside = x0 + 2 - g.pad_left >= g.w;
+            const bool below = rows == 1 && y0 + 2 - g.pad_top >= g.h,
+                       beside = cols == 1 && x0 + 2 - g.pad_left >= g.w;
             ConvTile3For<kLanes>(rows, cols, below, beside)(in, order, starts, buckets, filters,
                                                             sum, bias, job.relu, out, ahead);
             const bool full = rows * cols == 9;
@@ -892,9 +891,7 @@ __attribute__((always_inline)) inline void ConvWith(const Job& job, const ChunkB
               Tally(kFullBuckets, buckets);
               Tally(kFullMerged, g.c - buckets);
             } else {
-              const int64_t taps_used =
-                  (below && rows == 1 ? 2 : 3) * (beside && cols == 1 ? 2 : 3);
-              Tally(kEdgeFmas, buckets * rows * cols * taps_used);
+              Tally(kEdgeFmas, buckets * rows * cols * (below ? 2 : 3) * (beside ? 2 : 3));
             }
             // Channel by channel, so that each output row's few floats are stored together.
             for (int64_t l = 0; l < lanes; ++l) {
