@@ -18,7 +18,7 @@ import click
 import numpy as np
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-from haste_onnx import datasets, ir, report
+from haste_onnx import datasets, ir, opdef, report
 from haste_onnx import evaluate as evaluation
 from haste_onnx import pipeline as api
 from haste_onnx.errors import HasteError, InputError, NothingFaster
@@ -141,7 +141,7 @@ _policy_options = _stack(
     click.option(
         "-T",
         "--tile",
-        type=click.IntRange(1, 64),
+        type=click.IntRange(1, opdef.MAX_TILE),
         default=3,
         show_default=True,
         help="Output tile edge.",

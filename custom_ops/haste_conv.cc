@@ -26,9 +26,10 @@ namespace haste_onnx {
 namespace {
 
 constexpr int64_t kMaxPlanes = 63;  // codes are 64-bit
-// The largest tile edge T: T*T = 2^20 outputs per tile, far beyond any useful tile (the CLI
-// allows 1 to 64), and small enough that no size of a tile comes near overflowing.
-constexpr int64_t kMaxTile = 1024;
+// The largest tile edge T (opdef.MAX_TILE): far beyond any useful tile (the paper's largest is 7),
+// and small enough that a tile's scratch stays small: C (T + K - 1)^2 floats of patches, and up to
+// C T^2 K^2 of inputs (75 MB for C = 512, T = 64, K = 3; 2.7 GB once T reached 1024).
+constexpr int64_t kMaxTile = 64;
 
 // Channels are hashed kHashBlock at a time, their projections summed in registers.
 constexpr int64_t kHashBlock = 32;
@@ -109,19 +110,23 @@ struct Geometry {
   int64_t pad_top, pad_left;
   int64_t tile, patch;  // T and P = T + K - 1
   int64_t out_h, out_w, tiles_y, tiles_x;
+  // The outputs a tile can have, span_y x span_x: T x T, or fewer where Y is smaller than a tile
+  // (the kernel lays out no inputs for outputs that no tile has).
+  int64_t span_y, span_x;
 };
 
 // Accumulators of the convolution kernel: at most kMaxPixels output pixels of one tile, each one
 // vector register of output channels, plus registers for the filter and the input (16 on x86-64).
 constexpr int64_t kMaxPixels = 12;
 
-// How a tile's T*T output pixels split into groups of `pixels` (padded) for the kernel.
+// How a tile's span_y * span_x output pixels split into groups of `pixels` (padded) for the
+// kernel.
 struct PixelGroups {
   int64_t groups, pixels;
 };
 
-PixelGroups SplitPixels(int64_t tile) {
-  const int64_t total = tile * tile, groups = (total + kMaxPixels - 1) / kMaxPixels;
+PixelGroups SplitPixels(int64_t total) {
+  const int64_t groups = (total + kMaxPixels - 1) / kMaxPixels;
   return {groups, (total + groups - 1) / groups};
 }
 
@@ -176,6 +181,8 @@ Geometry MakeGeometry(const Shape& x, const Shape& w, const HasteConvAttributes&
   }
   g.tiles_y = add(g.out_h, g.tile - 1) / g.tile;
   g.tiles_x = add(g.out_w, g.tile - 1) / g.tile;
+  g.span_y = std::min(g.tile, g.out_h);
+  g.span_x = std::min(g.tile, g.out_w);
   // Y, one image and the batch; a tile's patches (FillPatch) and HashPatch's scratch; W packed; a
   // row of tiles' inputs (RunJob: per_bucket floats per bucket, at most C buckets per tile).
   mul(g.n, mul(g.m, mul(g.out_h, g.out_w)));
@@ -183,7 +190,7 @@ Geometry MakeGeometry(const Shape& x, const Shape& w, const HasteConvAttributes&
   mul(g.c, p2);
   mul(p2, kHashBlock);
   mul(mul(add(g.m, lanes - 1), g.c), taps);
-  const PixelGroups split = SplitPixels(g.tile);  // T <= kMaxTile: T*T is small
+  const PixelGroups split = SplitPixels(g.span_y * g.span_x);  // T <= kMaxTile: T*T is small
   const int64_t per_bucket = std::max(p2, mul(mul(split.groups, taps), split.pixels));
   mul(mul(g.tiles_x, g.c), per_bucket);
   return g;
@@ -906,7 +913,7 @@ __attribute__((always_inline)) inline void ConvWith(const Job& job, const ChunkB
             ConvGroup<kLanes, kPixels>(in, order, starts, buckets, filters, taps, sum, out);
           }
           for (int64_t p = 0; p < kPixels; ++p) {
-            const int64_t pixel = group * kPixels + p, oy = pixel / tile, ox = pixel % tile;
+            const int64_t pixel = group * kPixels + p, oy = pixel / g.span_x, ox = pixel % g.span_x;
             if (oy >= rows || ox >= cols) continue;  // padding, or outside Y at the edges
             float* dst = job.y + ((n * g.m + m0) * g.out_h + y0 + oy) * g.out_w + x0 + ox;
             for (int64_t l = 0; l < lanes; ++l) {
@@ -1038,8 +1045,8 @@ void HashTile(const Job& job, ChunkBuckets& chunk, int64_t t) {
         for (int64_t p = 0; p < pixels; ++p) {
           const int64_t pixel = group * pixels + p;
           s.gather[(group * taps + k) * pixels + p] =
-              pixel < g.tile * g.tile
-                  ? (pixel / g.tile + k / g.k) * g.patch + pixel % g.tile + k % g.k
+              pixel < g.span_y * g.span_x
+                  ? (pixel / g.span_x + k / g.k) * g.patch + pixel % g.span_x + k % g.k
                   : -1;
         }
       }
@@ -1482,7 +1489,7 @@ void HasteConvKernel::Compute(const Ort::KernelContext& context) const {
   const SparsePlanes sparse_planes(plane_values, planes_shape[0], p2);
 
   Job job{g,
-          SplitPixels(g.tile),
+          SplitPixels(g.span_y * g.span_x),
           g.tile == 3 && g.k == 3,
           x.GetTensorData<float>(),
           packed->data.data(),

@@ -14,8 +14,8 @@ DOMAIN = "haste_onnx"
 OPSET_VERSION = 1
 OP_TYPE = "HasteConv"
 DEFAULT_TILE = 3
-MAX_TILE = 1024
-"""The largest tile edge the operator accepts (``docs/operator.md``)."""
+MAX_TILE = 64
+"""The largest tile edge the operator, the API and the CLI accept (``docs/operator.md``)."""
 ACTIVATIONS = ("", "Relu")
 RUNTIME_HINT = (
     "HasteConv nodes (domain haste_onnx) run in onnxruntime with the operator library of the "
