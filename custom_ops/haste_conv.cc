@@ -676,6 +676,16 @@ __attribute__((target("avx512f"), noinline)) void SumLargeBucketsAvx512(
 }
 #endif
 
+// The instance of SumLargeBucketsWith for kLanes-wide filter blocks (as Tile3, for the kernel).
+template <int kLanes, int kTaps>
+constexpr auto SumLargeBuckets() {
+#if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
+  if constexpr (kLanes == 16) return SumLargeBucketsAvx512<kTaps>;
+  if constexpr (kLanes == 8) return SumLargeBucketsAvx2<kTaps>;
+#endif
+  return SumLargeBucketsPortable<kTaps>;
+}
+
 // out [kRows * kCols, kLanes] = the reduced convolution of one T = 3, K = 3 tile (its kRows x
 // kCols outputs inside Y) for the output channels of one filter block [C, 9, kLanes], plus bias
 // [kLanes], then Relu if `relu`. `in` holds each bucket's 5x5 (merged) patch, [buckets, 25] in
@@ -700,17 +710,7 @@ __attribute__((always_inline)) inline void ConvTile3With(const float* in, const 
   int64_t large = buckets;  // the first larger bucket
   while (large > 0 && starts[large] - starts[large - 1] > kSumInline) --large;
   if (large < buckets) {
-#if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
-    if constexpr (kLanes == 16) {
-      SumLargeBucketsAvx512<kTapRows * 3>(filters, order, starts, large, buckets, wsum, &ahead);
-    } else if constexpr (kLanes == 8) {
-      SumLargeBucketsAvx2<kTapRows * 3>(filters, order, starts, large, buckets, wsum, &ahead);
-    } else {
-      SumLargeBucketsPortable<kTapRows * 3>(filters, order, starts, large, buckets, wsum, &ahead);
-    }
-#else
-    SumLargeBucketsPortable<kTapRows * 3>(filters, order, starts, large, buckets, wsum, &ahead);
-#endif
+    SumLargeBuckets<kLanes, kTapRows * 3>()(filters, order, starts, large, buckets, wsum, &ahead);
   }
   // Accumulators in registers: a type without may_alias, indexed by constants only (Unroll).
   typedef float Reg __attribute__((vector_size(kLanes * sizeof(float))));
