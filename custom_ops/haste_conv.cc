@@ -204,6 +204,15 @@ __attribute__((optimize("no-tree-loop-distribute-patterns"))) void FillPatch(con
                                                                              int64_t ty, int64_t tx,
                                                                              float* patch) {
   const int64_t p = g.patch, y0 = ty * g.tile - g.pad_top, x0 = tx * g.tile - g.pad_left;
+  if (p == 5 && y0 >= 0 && y0 + 5 <= g.h && x0 >= 0 && x0 + 5 <= g.w) {
+    // T = 3 and K = 3, the patch inside the input: five rows of fixed size per channel.
+    const float* src = image + y0 * g.w + x0;
+    for (int64_t c = 0; c < g.c; ++c, src += g.h * g.w, patch += 25) {
+      for (int64_t py = 0; py < 5; ++py)
+        std::memcpy(patch + py * 5, src + py * g.w, 5 * sizeof(float));
+    }
+    return;
+  }
   // Columns [lo, hi) of the patch are inside the input.
   const int64_t lo = std::clamp<int64_t>(-x0, 0, p), hi = std::clamp<int64_t>(g.w - x0, lo, p);
   for (int64_t c = 0; c < g.c; ++c) {
