@@ -12,6 +12,7 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -63,6 +64,13 @@ inline uint64_t Ticks() {
   return __rdtsc();
 #else
   return std::chrono::steady_clock::now().time_since_epoch().count();
+#endif
+}
+
+// One iteration of a spin-wait loop.
+inline void Pause() {
+#if defined(__x86_64__)
+  _mm_pause();
 #endif
 }
 
@@ -1139,32 +1147,116 @@ int64_t GroupFloats() {
   return floats;
 }
 
-// Runs `body(data, index)` for index in [0, count) on onnxruntime's thread pool; a
-// std::bad_alloc in a task fails the job (exceptions must not reach the thread pool).
-template <typename Data>
-void ParallelFor(const Ort::KernelContext& context, Job& job, Data& data, int64_t count,
-                 void (*body)(const Job&, Data&, int64_t)) {
-  struct Task {
-    Job& job;
-    Data& data;
-    void (*body)(const Job&, Data&, int64_t);
-  } task{job, data, body};
-  context.ParallelFor(
-      [](void* raw, size_t index) {
-        Task& task = *static_cast<Task*>(raw);
-        try {
-          task.body(task.job, task.data, static_cast<int64_t>(index));
-        } catch (...) {
-          task.job.failed = true;
-        }
-      },
-      static_cast<size_t>(count), 0, &task);
-  if (job.failed) throw std::bad_alloc();
+// Work items of a chunk: groups of consecutive rows whose inputs fit in GroupFloats(), times
+// ranges of filter blocks (of kItemChannels output channels).
+void MakeItems(const Job& job, const ChunkBuckets& chunk, int64_t per_bucket,
+               std::vector<WorkItem>& items) {
+  const Geometry& g = job.g;
+  const int64_t blocks = (g.m + job.lanes - 1) / job.lanes;
+  const int64_t item_blocks = std::max<int64_t>(1, kItemChannels / job.lanes);
+  const int64_t splits = (blocks + item_blocks - 1) / item_blocks, group_floats = GroupFloats();
+  items.clear();
+  for (int64_t begin = 0, end; begin < chunk.rows; begin = end) {
+    int64_t floats = 0;
+    for (end = begin; end < chunk.rows; ++end) {
+      int64_t row_used = 0;
+      for (int64_t tx = 0; tx < g.tiles_x; ++tx) {
+        row_used += chunk.count[end * g.tiles_x + tx] * per_bucket;
+      }
+      if (end > begin && floats + row_used > group_floats) break;
+      floats += row_used;
+    }
+    for (int64_t split = 0; split < splits; ++split) {
+      items.push_back({begin, end, blocks * split / splits, blocks * (split + 1) / splits});
+    }
+  }
 }
 
-// Hashes and convolves every tile of the batch, chunk of tile rows after chunk: first every row of
-// the chunk is hashed and bucketed, then the chunk is convolved in work items of a few rows and
-// filter blocks.
+// Units of work [0, count) in contiguous ranges, one per thread expected (as many as the machine
+// has, at most kMaxShards), each with its own counter: a thread takes units from its own range
+// first, then from the others in turn, as onnxruntime's thread pool hands out loop indices, so that
+// the tiles a thread hashes are mostly those it convolves next, still in its own L2 cache.
+struct Shards {
+  static constexpr int kMaxShards = 64;
+  int64_t count = 0;
+  int shards = 1;
+  std::atomic<int64_t> next[kMaxShards];
+
+  void Reset(int64_t units) {
+    static const int expected =
+        std::clamp(static_cast<int>(std::thread::hardware_concurrency()), 1, kMaxShards);
+    count = units;
+    shards = static_cast<int>(std::clamp<int64_t>(units, 1, expected));
+    for (int s = 0; s < shards; ++s) next[s].store(Begin(s), std::memory_order_relaxed);
+  }
+  int64_t Begin(int shard) const { return count * shard / shards; }
+  // A unit for the thread that arrived `arrival`-th, or -1 when every unit is taken.
+  int64_t Take(int arrival) {
+    for (int i = 0; i < shards; ++i) {
+      const int shard = (arrival + i) % shards;
+      const int64_t unit = next[shard].fetch_add(1, std::memory_order_relaxed);
+      if (unit < Begin(shard + 1)) return unit;
+    }
+    return -1;
+  }
+};
+
+// One chunk's work, shared by the threads of one parallel section: each thread hashes tiles until
+// none is left, then, once every tile is hashed (the thread that hashes the last one makes the work
+// items meanwhile), convolves work items until none is left. One section instead of one for
+// hashing and one for convolving: a thread pool whose workers sleep between sections (no spinning)
+// wakes them once per chunk, not twice. A thread waits only for tiles other threads have taken and
+// are hashing, so the section finishes however many threads run it, one included. A std::bad_alloc
+// fails the job (exceptions must not reach the thread pool), and its tile still counts as done.
+struct ChunkWork {
+  Job& job;
+  ChunkBuckets& chunk;
+  std::vector<WorkItem>& items;
+  int64_t per_bucket, tiles;
+  std::atomic<int> arrivals{0};
+  std::atomic<int64_t> tiles_done{0};
+  std::atomic<bool> items_ready{false};
+  Shards tile_shards{}, item_shards{};
+
+  void Run() {
+    const int arrival = arrivals.fetch_add(1, std::memory_order_relaxed);
+    for (int64_t t; (t = tile_shards.Take(arrival)) >= 0;) {
+      try {
+        HashTile(job, chunk, t);
+      } catch (...) {
+        job.failed = true;
+      }
+      if (tiles_done.fetch_add(1, std::memory_order_acq_rel) + 1 == tiles) {
+        try {
+          MakeItems(job, chunk, per_bucket, items);
+        } catch (...) {
+          job.failed = true;
+        }
+        item_shards.Reset(static_cast<int64_t>(items.size()));
+        items_ready.store(true, std::memory_order_release);
+      }
+    }
+    for (int spins = 0; !items_ready.load(std::memory_order_acquire); ++spins) {
+      if (spins < 4096) {
+        Pause();
+      } else {
+        std::this_thread::yield();  // the thread hashing the last tiles is not running
+      }
+    }
+    if (job.failed) return;
+    for (int64_t i; (i = item_shards.Take(arrival)) >= 0;) {
+      try {
+        job.conv(job, chunk, items[i]);
+      } catch (...) {
+        job.failed = true;
+      }
+    }
+  }
+};
+
+// Hashes and convolves every tile of the batch, chunk of tile rows after chunk: first every tile
+// of the chunk is hashed and bucketed, then the chunk is convolved in work items of a few rows and
+// filter blocks (ChunkWork).
 void RunJob(const Ort::KernelContext& context, Job& job) {
   using Clock = std::chrono::steady_clock;
   const Clock::time_point start = kProfile ? Clock::now() : Clock::time_point{};
@@ -1178,7 +1270,7 @@ void RunJob(const Ort::KernelContext& context, Job& job) {
   chunk.per_tile = g.c * per_bucket;
   const int64_t total_rows = g.n * g.tiles_y, row_floats = g.tiles_x * chunk.per_tile;
   const int64_t chunk_rows = std::clamp<int64_t>(kChunkFloats / row_floats, 1, total_rows);
-  const int64_t tiles = chunk_rows * g.tiles_x, blocks = (g.m + job.lanes - 1) / job.lanes;
+  const int64_t tiles = chunk_rows * g.tiles_x;
   chunk.order.resize(tiles * g.c);
   chunk.starts.resize(tiles * (g.c + 1));
   chunk.count.resize(tiles);
@@ -1186,33 +1278,13 @@ void RunJob(const Ort::KernelContext& context, Job& job) {
   std::vector<WorkItem> items;
   for (chunk.first_row = 0; chunk.first_row < total_rows; chunk.first_row += chunk.rows) {
     chunk.rows = std::min(chunk_rows, total_rows - chunk.first_row);
-    ParallelFor<ChunkBuckets>(context, job, chunk, chunk.rows * g.tiles_x, HashTile);
-    // Groups of consecutive rows whose inputs fit in GroupFloats(), times ranges of filter blocks.
-    items.clear();
-    const int64_t item_blocks = std::max<int64_t>(1, kItemChannels / job.lanes);
-    const int64_t splits = (blocks + item_blocks - 1) / item_blocks, group_floats = GroupFloats();
-    for (int64_t begin = 0, end; begin < chunk.rows; begin = end) {
-      int64_t floats = 0;
-      for (end = begin; end < chunk.rows; ++end) {
-        int64_t row_used = 0;
-        for (int64_t tx = 0; tx < g.tiles_x; ++tx) {
-          row_used += chunk.count[end * g.tiles_x + tx] * per_bucket;
-        }
-        if (end > begin && floats + row_used > group_floats) break;
-        floats += row_used;
-      }
-      for (int64_t split = 0; split < splits; ++split) {
-        items.push_back({begin, end, blocks * split / splits, blocks * (split + 1) / splits});
-      }
-    }
-    struct Conv {
-      const ChunkBuckets& chunk;
-      const std::vector<WorkItem>& items;
-    } conv{chunk, items};
-    ParallelFor<Conv>(context, job, conv, static_cast<int64_t>(items.size()),
-                      [](const Job& job, Conv& conv, int64_t index) {
-                        job.conv(job, conv.chunk, conv.items[index]);
-                      });
+    ChunkWork work{job, chunk, items, per_bucket, chunk.rows * g.tiles_x};
+    work.tile_shards.Reset(work.tiles);
+    // As many tasks as tiles: the thread pool runs them on up to that many threads, and a task
+    // that starts after the work is taken returns at once.
+    context.ParallelFor([](void* raw, size_t) { static_cast<ChunkWork*>(raw)->Run(); },
+                        static_cast<size_t>(work.tiles), 0, &work);
+    if (job.failed) throw std::bad_alloc();
   }
   laps.To(kJob);
   if constexpr (kProfile) {  // not a clock read per run in the plain build

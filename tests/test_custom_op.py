@@ -450,11 +450,12 @@ def _threads_case() -> tuple[onnx.ModelProto, list[np.ndarray]]:
     return model, xs
 
 
-def test_one_and_two_intra_op_threads_identical() -> None:
+@pytest.mark.parametrize("threads", [2, 5])  # 5: more threads than the machine has cores
+def test_intra_op_threads_identical_to_one(threads: int) -> None:
     model, xs = _threads_case()
-    one, two = session(model, threads=1), session(model, threads=2)
+    one, more = session(model, threads=1), session(model, threads=threads)
     for x in xs[:3]:
-        np.testing.assert_array_equal(one.run(None, {"X": x})[0], two.run(None, {"X": x})[0])
+        np.testing.assert_array_equal(one.run(None, {"X": x})[0], more.run(None, {"X": x})[0])
 
 
 def test_concurrent_runs_on_one_session_identical_to_serial() -> None:
@@ -744,9 +745,11 @@ def test_inputs_larger_than_one_chunk_match_conv_of_the_mean(tile: int) -> None:
     x = rng.standard_normal((3, 64, 96, 96)).astype(np.float32)
     w = rng.standard_normal((5, 64, 3, 3)).astype(np.float32)
     pads = (1, 1, 1, 1)
-    y = run(haste_model(w, np.zeros((0, (tile + 2) ** 2), np.float32), pads=pads, tile=tile), x)
+    model = haste_model(w, np.zeros((0, (tile + 2) ** 2), np.float32), pads=pads, tile=tile)
+    y = run(model, x)
     expected = run(conv_model(w.sum(axis=1, keepdims=True), pads), x.mean(axis=1, keepdims=True))
     assert relative_l2(y, expected) <= 1e-5
+    np.testing.assert_array_equal(run(model, x, threads=3), y)  # chunk after chunk, shared
 
 
 def _runtime_w_model(planes: np.ndarray, bias: np.ndarray, pads, tile: int) -> onnx.ModelProto:
