@@ -22,6 +22,9 @@
 #if defined(__unix__)
 #include <unistd.h>
 #endif
+#if defined(__linux__)
+#include <sched.h>  // sched_getaffinity, CPU_COUNT (g++ defines _GNU_SOURCE)
+#endif
 
 namespace haste_onnx {
 namespace {
@@ -1172,10 +1175,22 @@ void MakeItems(const Job& job, const ChunkBuckets& chunk, int64_t per_bucket,
   }
 }
 
-// Units of work [0, count) in contiguous ranges, one per thread expected (as many as the machine
-// has, at most kMaxShards), each with its own counter: a thread takes units from its own range
-// first, then from the others in turn, as onnxruntime's thread pool hands out loop indices, so that
-// the tiles a thread hashes are mostly those it convolves next, still in its own L2 cache.
+// The CPUs this process may run on (its affinity mask, which a container's cpuset limits), at
+// least 1.
+int UsableCpus() {
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+}
+
+// Units of work [0, count) in contiguous ranges, one per thread expected (one per usable CPU, at
+// most kMaxShards), each with its own counter: a thread takes units from its own range first, as
+// onnxruntime's thread pool hands out loop indices, so that the tiles a thread hashes are mostly
+// those it convolves next, still in its own L2 cache. Then it takes from the others, even threads
+// walking down the ranges and odd ones up, so that two threads left with ranges to share (a pool of
+// two threads on a larger machine) meet in one range instead of taking turns in every one.
 struct Shards {
   static constexpr int kMaxShards = 64;
   int64_t count = 0;
@@ -1183,8 +1198,7 @@ struct Shards {
   std::atomic<int64_t> next[kMaxShards];
 
   void Reset(int64_t units) {
-    static const int expected =
-        std::clamp(static_cast<int>(std::thread::hardware_concurrency()), 1, kMaxShards);
+    static const int expected = std::min(UsableCpus(), kMaxShards);
     count = units;
     shards = static_cast<int>(std::clamp<int64_t>(units, 1, expected));
     for (int s = 0; s < shards; ++s) next[s].store(Begin(s), std::memory_order_relaxed);
@@ -1192,8 +1206,8 @@ struct Shards {
   int64_t Begin(int shard) const { return count * shard / shards; }
   // A unit for the thread that arrived `arrival`-th, or -1 when every unit is taken.
   int64_t Take(int arrival) {
-    for (int i = 0; i < shards; ++i) {
-      const int shard = (arrival + i) % shards;
+    const int home = arrival % shards, step = arrival % 2 ? 1 : shards - 1;
+    for (int i = 0, shard = home; i < shards; ++i, shard = (shard + step) % shards) {
       const int64_t unit = next[shard].fetch_add(1, std::memory_order_relaxed);
       if (unit < Begin(shard + 1)) return unit;
     }
