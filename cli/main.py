@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 import numpy as np
+from haste_onnx.cli import honored, interrupted
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from haste_onnx import datasets, ir, opdef, report
@@ -394,6 +395,7 @@ class _Group(click.Group):
         except click.ClickException as exc:
             _fail(exc.format_message(), exc.exit_code)
         except click.Abort:  # Ctrl-C or end of input while click itself reads
+            honored()
             _fail("interrupted", EXIT_INTERRUPTED)
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -414,6 +416,7 @@ class _Group(click.Group):
             where = f": {exc.filename}" if exc.filename else ""
             _fail(f"{exc.strerror or exc}{where}", EXIT_USAGE)
         except KeyboardInterrupt:  # not click's "Aborted!" and exit 1, which means a failed check
+            honored()
             _fail("interrupted (no file is left half-written)", EXIT_INTERRUPTED)
 
 
@@ -425,6 +428,14 @@ def main() -> None:
     Exit codes: 0 success, 1 fidelity failure, 2 bad usage or input, 3 --only-faster kept no
     layer (nothing written), 130 interrupted, 141 the reader of the output went away.
     """
+
+
+def _commit(staging: Staging) -> None:
+    """Moves the staged files into place, unless a signal came whose KeyboardInterrupt was
+    dropped (``haste_onnx.cli.interrupted``): then nothing is written, and the command exits 130."""
+    if interrupted():
+        raise KeyboardInterrupt
+    staging.commit()
 
 
 def _options(kw: dict[str, Any]) -> HasteOptions:
@@ -598,7 +609,7 @@ def convert(
             },
             staging,
         )
-        staging.commit()
+        _commit(staging)
     if timing:
         console.echo(
             f"converted model time / original model time: {timing} "
@@ -652,7 +663,7 @@ def verify(original: Path, converted: Path, plot: Path | None, **kw: Any) -> Non
             {"model": str(original), "converted": str(converted)},
             staging,
         )
-        staging.commit()
+        _commit(staging)
     if not result.passed:
         _fail("fidelity check failed: " + "; ".join(result.verification.failures), EXIT_FIDELITY)
     console.echo(click.style("passed", fg="green"))
@@ -707,7 +718,7 @@ def inspect(model: Path, **kw: Any) -> None:
             "nested": result.flops.nested,
         }
         _write_json(kw["json_path"], document, staging)
-        staging.commit()
+        _commit(staging)
 
 
 DATA_SETS: dict[str, tuple[str, Callable[[], tuple[np.ndarray, np.ndarray]]]] = {
@@ -811,4 +822,4 @@ def evaluate(
             lines.append(f"plot: {plot}")
         staging.then(lambda: console.echo("\n".join(lines)))
         _write_json(kw["json_path"], {"model": str(model), **evaluation.to_json(result)}, staging)
-        staging.commit()
+        _commit(staging)

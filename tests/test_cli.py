@@ -29,6 +29,13 @@ from haste_onnx.inputs import user_feeds
 EXAMPLE = Path(__file__).parent.parent / "models" / "example.onnx"
 
 
+@pytest.fixture(autouse=True)
+def _no_signal_taken(monkeypatch):
+    """Each test starts as a new process would, with no signal taken by the command's handler
+    (which an earlier test's cli.run() left installed in this process)."""
+    monkeypatch.setattr(cli, "_received", [])
+
+
 def run(*args: str) -> tuple[int, str, str]:
     result = CliRunner().invoke(main, [str(a) for a in args])
     return result.exit_code, result.stdout, result.stderr
@@ -1042,6 +1049,20 @@ def test_what_is_written_does_not_depend_on_stdout_or_stderr(example, tmp_path):
     out.unlink()
     proc = subprocess.run(["bash", "-c", f"haste-onnx convert '{example}' -o '{out}' 2>&-"])
     assert proc.returncode == 0 and out.is_file()  # no stderr for the progress lines
+
+
+def test_a_signal_whose_interrupt_python_dropped_still_ends_the_command(example, tmp_path):
+    """Python runs a signal handler wherever the main thread is, a finalizer included, and drops
+    the KeyboardInterrupt raised there: the signal taken still ends the command before it writes
+    anything, with exit 130."""
+    with pytest.raises(KeyboardInterrupt):
+        cli._interrupt(signal.SIGTERM, None)  # as if raised in a finalizer, and dropped
+    assert cli.interrupted()
+    out = tmp_path / "out.onnx"
+    code, _, err = run("convert", example, "-o", out)
+    assert code == 130, err
+    assert "interrupted" in err
+    assert not out.exists()
 
 
 def test_a_signal_while_the_libraries_load_exits_130(example, tmp_path):
