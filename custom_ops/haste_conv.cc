@@ -1226,7 +1226,7 @@ struct ChunkWork {
   Job& job;
   ChunkBuckets& chunk;
   std::vector<WorkItem>& items;
-  int64_t per_bucket, tiles;
+  int64_t per_bucket;
   std::atomic<int> arrivals{0};
   std::atomic<int64_t> tiles_done{0};
   std::atomic<bool> items_ready{false};
@@ -1240,7 +1240,7 @@ struct ChunkWork {
       } catch (...) {
         job.failed = true;
       }
-      if (tiles_done.fetch_add(1, std::memory_order_acq_rel) + 1 == tiles) {
+      if (tiles_done.fetch_add(1, std::memory_order_acq_rel) + 1 == tile_shards.count) {
         try {
           MakeItems(job, chunk, per_bucket, items);
         } catch (...) {
@@ -1292,12 +1292,12 @@ void RunJob(const Ort::KernelContext& context, Job& job) {
   std::vector<WorkItem> items;
   for (chunk.first_row = 0; chunk.first_row < total_rows; chunk.first_row += chunk.rows) {
     chunk.rows = std::min(chunk_rows, total_rows - chunk.first_row);
-    ChunkWork work{job, chunk, items, per_bucket, chunk.rows * g.tiles_x};
-    work.tile_shards.Reset(work.tiles);
+    ChunkWork work{job, chunk, items, per_bucket};
+    work.tile_shards.Reset(chunk.rows * g.tiles_x);
     // As many tasks as tiles: the thread pool runs them on up to that many threads, and a task
     // that starts after the work is taken returns at once.
     context.ParallelFor([](void* raw, size_t) { static_cast<ChunkWork*>(raw)->Run(); },
-                        static_cast<size_t>(work.tiles), 0, &work);
+                        static_cast<size_t>(work.tile_shards.count), 0, &work);
     if (job.failed) throw std::bad_alloc();
   }
   laps.To(kJob);
