@@ -38,7 +38,7 @@ from haste_onnx.speed import interleaved_samples
 
 # The totals HasteConvProfile returns, in order (custom_ops/haste_conv.cc: Phase, then Count).
 PHASES = {
-    "patch": "each tile's zero-padded patches",
+    "patch": "each tile's zero-padded patches, and the channel sums",
     "hash": "hashing",
     "group": "grouping channels into buckets",
     "means": "bucket means",

@@ -245,6 +245,62 @@ __attribute__((optimize("no-tree-loop-distribute-patterns"))) void FillPatch(con
   }
 }
 
+// The sum over the channels of `count` pixels of an image [C, H*W] (from `image`, a pixel of
+// channel 0; channels `stride` = H*W floats apart), in double, channel after channel in order (as
+// numpy sums): sums [count]. Each tile takes its patch's part of an image's sums (PatchSums)
+// instead of summing its P x P positions over C channels again: patches overlap, and one pass over
+// the image costs a fraction of C short rows per tile. A plain loop, which the compiler vectorizes
+// as wide as the target allows.
+__attribute__((always_inline)) inline void ChannelSumsWith(const float* image, int64_t channels,
+                                                           int64_t stride, int64_t count,
+                                                           double* sums) {
+  std::fill(sums, sums + count, 0.0);
+  for (const float* in = image; in < image + channels * stride; in += stride) {
+    for (int64_t p = 0; p < count; ++p) sums[p] += in[p];
+  }
+}
+
+#if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
+__attribute__((target("avx2"))) void ChannelSumsAvx2(const float* image, int64_t channels,
+                                                     int64_t stride, int64_t count, double* sums) {
+  ChannelSumsWith(image, channels, stride, count, sums);
+}
+
+__attribute__((target("avx512f"))) void ChannelSumsAvx512(const float* image, int64_t channels,
+                                                          int64_t stride, int64_t count,
+                                                          double* sums) {
+  ChannelSumsWith(image, channels, stride, count, sums);
+}
+#endif
+
+// Pixels whose ChannelSums a thread computes at a time: units small enough to share a 28 x 28
+// image between threads, large enough that a channel's row of them is a run of whole cache lines.
+constexpr int64_t kSumPixels = 256;
+
+// ChannelSums of `count` <= kSumPixels pixels, eight doubles wide where the convolution kernel is
+// AVX-512's (`lanes` = 16: FilterLanes), four where it is AVX2's (8).
+void ChannelSums([[maybe_unused]] int64_t lanes, const float* image, int64_t channels,
+                 int64_t stride, int64_t count, double* sums) {
+#if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
+  if (lanes >= 16) return ChannelSumsAvx512(image, channels, stride, count, sums);
+  if (lanes >= 8) return ChannelSumsAvx2(image, channels, stride, count, sums);
+#endif
+  ChannelSumsWith(image, channels, stride, count, sums);
+}
+
+// The part of an image's ChannelSums [H, W] that output tile (ty, tx)'s patch covers: sum [P*P],
+// zero outside the input, where the patch is zero in every channel.
+void PatchSums(const Geometry& g, const double* sums, int64_t ty, int64_t tx, double* sum) {
+  const int64_t p = g.patch, y0 = ty * g.tile - g.pad_top, x0 = tx * g.tile - g.pad_left;
+  for (int64_t py = 0; py < p; ++py) {
+    for (int64_t px = 0; px < p; ++px) {
+      const int64_t iy = y0 + py, ix = x0 + px;
+      const bool inside = iy >= 0 && iy < g.h && ix >= 0 && ix < g.w;
+      sum[py * p + px] = inside ? sums[iy * g.w + ix] : 0.0;
+    }
+  }
+}
+
 // The non-zero entries of the hyperplanes [L, D], plane by plane: zero entries add exactly
 // nothing to a projection, and a list skips them without a branch per entry.
 struct SparsePlanes {
@@ -266,44 +322,26 @@ struct SparsePlanes {
 };
 
 // Hashes every channel of patch [C, D]: code bit l is dot(planes[l], v_c - mean_c v_c) > 0,
-// computed as dot(planes[l], C v_c - sum_c v_c), C times the same projection: C v_c is exact in
+// computed as dot(planes[l], C v_c - sum_c v_c), C times the same projection (`sum` [D], the
+// patch's part of ChannelSums): C v_c is exact in
 // double, and so is the rest wherever the exact sums fit double's 53-bit significand (small
 // integers, quantized values), where projections that are 0 in exact arithmetic then come out as
 // exact zeros instead of rounding noise. Everything is in double and each dot product is summed
 // over j in order, the sum over channels in order as numpy does, so the codes agree with the
-// reference except for projections within double rounding of zero. Scratch: sum [D], centered
+// reference except for projections within double rounding of zero. Scratch: centered
 // [D, kHashBlock].
 // Projections are summed kDoubles lanes at a time; every lane does the same multiplications and
 // additions (never fused) whatever the width, so the codes do not depend on it.
 template <int kDoubles>
 __attribute__((always_inline)) inline void HashPatchWith(const float* patch, int64_t channels,
                                                          int64_t dim, const SparsePlanes& planes,
-                                                         double* sum, double* centered,
+                                                         const double* sum, double* centered,
                                                          uint64_t* codes) {
   typedef double Vec __attribute__((vector_size(kDoubles * sizeof(double)), may_alias, aligned(8)));
   typedef int64_t Bits __attribute__((vector_size(kDoubles * sizeof(int64_t))));
   typedef float Quad __attribute__((vector_size(4 * sizeof(float)), may_alias, aligned(4)));
   typedef int32_t Pick __attribute__((vector_size(4 * sizeof(int32_t))));
   typedef double Doubles4 __attribute__((vector_size(4 * sizeof(double)), may_alias, aligned(8)));
-  // The sum, 16 positions at a time in registers (each position over c in order).
-  int64_t j0 = 0;
-  for (; j0 + 16 <= dim; j0 += 16) {
-    Doubles4 s0 = {}, s1 = {}, s2 = {}, s3 = {};  // not an array: the compiler spilled one
-    for (const float* v = patch + j0; v < patch + channels * dim; v += dim) {
-      s0 += __builtin_convertvector(*reinterpret_cast<const Quad*>(v), Doubles4);
-      s1 += __builtin_convertvector(*reinterpret_cast<const Quad*>(v + 4), Doubles4);
-      s2 += __builtin_convertvector(*reinterpret_cast<const Quad*>(v + 8), Doubles4);
-      s3 += __builtin_convertvector(*reinterpret_cast<const Quad*>(v + 12), Doubles4);
-    }
-    *reinterpret_cast<Doubles4*>(sum + j0) = s0;
-    *reinterpret_cast<Doubles4*>(sum + j0 + 4) = s1;
-    *reinterpret_cast<Doubles4*>(sum + j0 + 8) = s2;
-    *reinterpret_cast<Doubles4*>(sum + j0 + 12) = s3;
-  }
-  std::fill(sum + j0, sum + dim, 0.0);
-  for (int64_t c = 0; c < channels; ++c) {
-    for (int64_t j = j0; j < dim; ++j) sum[j] += patch[c * dim + j];
-  }
   const double scale = static_cast<double>(channels);
   // Then block of kHashBlock channels after block, so that the centered block stays in L1:
   // centered [D, kHashBlock] = C times the block's patch transposed, minus the sum (4 x 4 blocks of
@@ -363,15 +401,16 @@ __attribute__((always_inline)) inline void HashPatchWith(const float* patch, int
 // AVX2 without FMA: four lanes, and no fused multiply-add can change a projection's rounding.
 __attribute__((target("avx2"))) void HashPatchAvx2(const float* patch, int64_t channels,
                                                    int64_t dim, const SparsePlanes& planes,
-                                                   double* sum, double* centered, uint64_t* codes) {
+                                                   const double* sum, double* centered,
+                                                   uint64_t* codes) {
   HashPatchWith<4>(patch, channels, dim, planes, sum, centered, codes);
 }
 
 // AVX-512: eight lanes. AVX-512 has fused multiply-adds, and GCC's default (gnu++17) contracts
 // a * b + c into them, which would change a projection's rounding: not here.
 __attribute__((target("avx512f"), optimize("fp-contract=off"))) void HashPatchAvx512(
-    const float* patch, int64_t channels, int64_t dim, const SparsePlanes& planes, double* sum,
-    double* centered, uint64_t* codes) {
+    const float* patch, int64_t channels, int64_t dim, const SparsePlanes& planes,
+    const double* sum, double* centered, uint64_t* codes) {
   HashPatchWith<8>(patch, channels, dim, planes, sum, centered, codes);
 }
 #endif
@@ -379,7 +418,7 @@ __attribute__((target("avx512f"), optimize("fp-contract=off"))) void HashPatchAv
 // Hashes every channel of patch [C, D] (HashPatchWith), eight lanes wide where the convolution
 // kernel is AVX-512's (`lanes` = 16: FilterLanes), four where it is AVX2's (8).
 void HashPatch([[maybe_unused]] int64_t lanes, const float* patch, int64_t channels, int64_t dim,
-               const SparsePlanes& planes, double* sum, double* centered, uint64_t* codes) {
+               const SparsePlanes& planes, const double* sum, double* centered, uint64_t* codes) {
 #if defined(__x86_64__) && !defined(HASTE_ONNX_PORTABLE)
   if (lanes >= 16) return HashPatchAvx512(patch, channels, dim, planes, sum, centered, codes);
   if (lanes >= 8) return HashPatchAvx2(patch, channels, dim, planes, sum, centered, codes);
@@ -413,6 +452,8 @@ struct Job {
 // from the chunk's first row.
 struct ChunkBuckets {
   int64_t first_row = 0, rows = 0;
+  int64_t first_image = 0;      // the image of the first row
+  std::vector<double> sums;     // [images, H*W]: ChannelSums of the images the chunk's rows are in
   int64_t per_tile = 0;         // floats of `inputs` reserved for each tile
   std::vector<int32_t> order;   // [tiles, C]: channels, bucket after bucket
   std::vector<int32_t> starts;  // [tiles, C + 1]: bucket b of tile t is order[starts[b] ..]
@@ -1076,6 +1117,7 @@ void HashTile(const Job& job, ChunkBuckets& chunk, int64_t t) {
   float* inputs = chunk.inputs.data() + t * chunk.per_tile;
   float* patch = s.patch.data();
   FillPatch(g, job.x + n * g.c * g.h * g.w, ty, tx, patch);
+  PatchSums(g, chunk.sums.data() + (n - chunk.first_image) * g.h * g.w, ty, tx, s.sum.data());
   laps.To(kPatch);
   HashPatch(job.lanes, patch, g.c, p2, *job.planes, s.sum.data(), s.centered.data(),
             s.codes.data());
@@ -1215,25 +1257,49 @@ struct Shards {
   }
 };
 
-// One chunk's work, shared by the threads of one parallel section: each thread hashes tiles until
-// none is left, then, once every tile is hashed (the thread that hashes the last one makes the work
-// items meanwhile), convolves work items until none is left. One section instead of one for
-// hashing and one for convolving: a thread pool whose workers sleep between sections (no spinning)
-// wakes them once per chunk, not twice. A thread waits only for tiles other threads have taken and
-// are hashing, so the section finishes however many threads run it, one included. A std::bad_alloc
-// fails the job (exceptions must not reach the thread pool), and its tile still counts as done.
+// Spins, then yields, until `done()`: for work that other threads have taken and are finishing.
+template <typename Done>
+void Await(Done done) {
+  for (int spins = 0; !done(); ++spins) {
+    if (spins < 4096) {
+      Pause();
+    } else {
+      std::this_thread::yield();  // the thread finishing the work is not running
+    }
+  }
+}
+
+// One chunk's work, shared by the threads of one parallel section: the threads sum the chunk's
+// images over their channels (ChannelSums, kSumPixels pixels at a time), then, once every pixel is
+// summed, hash tiles until none is left, then, once every tile is hashed (the thread that hashes
+// the last one makes the work items meanwhile), convolve work items until none is left. One section
+// instead of one for each step: a thread pool whose workers sleep between sections (no spinning)
+// wakes them once per chunk. A thread waits only for work other threads have taken and are doing,
+// so the section finishes however many threads run it, one included. A std::bad_alloc fails the
+// job (exceptions must not reach the thread pool), and its tile still counts as done.
 struct ChunkWork {
   Job& job;
   ChunkBuckets& chunk;
   std::vector<WorkItem>& items;
   int64_t per_bucket;
   std::atomic<int> arrivals{0};
-  std::atomic<int64_t> tiles_done{0};
+  std::atomic<int64_t> sums_done{0}, tiles_done{0};
   std::atomic<bool> items_ready{false};
-  Shards tile_shards{}, item_shards{};
+  Shards sum_shards{}, tile_shards{}, item_shards{};
 
   void Run() {
     const int arrival = arrivals.fetch_add(1, std::memory_order_relaxed);
+    const Geometry& g = job.g;
+    const int64_t pixels = g.h * g.w, per_image = (pixels + kSumPixels - 1) / kSumPixels;
+    for (int64_t u; (u = sum_shards.Take(arrival)) >= 0;) {
+      Laps laps;
+      const int64_t image = u / per_image, p = u % per_image * kSumPixels;
+      ChannelSums(job.lanes, job.x + (chunk.first_image + image) * g.c * pixels + p, g.c, pixels,
+                  std::min(kSumPixels, pixels - p), chunk.sums.data() + image * pixels + p);
+      laps.To(kPatch);
+      sums_done.fetch_add(1, std::memory_order_acq_rel);
+    }
+    Await([&] { return sums_done.load(std::memory_order_acquire) == sum_shards.count; });
     for (int64_t t; (t = tile_shards.Take(arrival)) >= 0;) {
       try {
         HashTile(job, chunk, t);
@@ -1250,13 +1316,7 @@ struct ChunkWork {
         items_ready.store(true, std::memory_order_release);
       }
     }
-    for (int spins = 0; !items_ready.load(std::memory_order_acquire); ++spins) {
-      if (spins < 4096) {
-        Pause();
-      } else {
-        std::this_thread::yield();  // the thread hashing the last tiles is not running
-      }
-    }
+    Await([&] { return items_ready.load(std::memory_order_acquire); });
     if (job.failed) return;
     for (int64_t i; (i = item_shards.Take(arrival)) >= 0;) {
       try {
@@ -1292,7 +1352,11 @@ void RunJob(const Ort::KernelContext& context, Job& job) {
   std::vector<WorkItem> items;
   for (chunk.first_row = 0; chunk.first_row < total_rows; chunk.first_row += chunk.rows) {
     chunk.rows = std::min(chunk_rows, total_rows - chunk.first_row);
+    chunk.first_image = chunk.first_row / g.tiles_y;
+    const int64_t images = (chunk.first_row + chunk.rows - 1) / g.tiles_y + 1 - chunk.first_image;
+    chunk.sums.resize(images * g.h * g.w);
     ChunkWork work{job, chunk, items, per_bucket};
+    work.sum_shards.Reset(images * ((g.h * g.w + kSumPixels - 1) / kSumPixels));
     work.tile_shards.Reset(chunk.rows * g.tiles_x);
     // As many tasks as tiles: the thread pool runs them on up to that many threads, and a task
     // that starts after the work is taken returns at once.
@@ -1623,12 +1687,17 @@ extern "C" int HasteConvTileCodes(const float* x, const int64_t* x_shape, const 
     const int64_t p2 = g.patch * g.patch;
     std::vector<float> patch(g.c * p2);
     const SparsePlanes sparse_planes(planes, num_planes, p2);
-    std::vector<double> sum(p2);
+    std::vector<double> sums(g.h * g.w), sum(p2);
     AlignedVector<double> centered(p2 * kHashBlock);
     for (int64_t n = 0; n < g.n; ++n) {
+      for (int64_t p = 0; p < g.h * g.w; p += kSumPixels) {
+        ChannelSums(lanes, x + n * g.c * g.h * g.w + p, g.c, g.h * g.w,
+                    std::min(kSumPixels, g.h * g.w - p), sums.data() + p);
+      }
       for (int64_t ty = 0; ty < g.tiles_y; ++ty) {
         for (int64_t tx = 0; tx < g.tiles_x; ++tx) {
           FillPatch(g, x + n * g.c * g.h * g.w, ty, tx, patch.data());
+          PatchSums(g, sums.data(), ty, tx, sum.data());
           const int64_t tile_index = (n * g.tiles_y + ty) * g.tiles_x + tx;
           HashPatch(lanes, patch.data(), g.c, p2, sparse_planes, sum.data(), centered.data(),
                     codes + tile_index * g.c);
