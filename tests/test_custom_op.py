@@ -458,6 +458,20 @@ def test_intra_op_threads_identical_to_one(threads: int) -> None:
         np.testing.assert_array_equal(one.run(None, {"X": x})[0], more.run(None, {"X": x})[0])
 
 
+@pytest.mark.parametrize("threads", [2, 5])
+def test_threads_hash_only_once_every_pixel_is_summed(threads: int) -> None:
+    """Wide inputs, whose sums over channels take the threads long enough to overlap: a thread
+    that hashed before every unit of sums was done would read partial sums (a build without the
+    wait differed in about one run of three)."""
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((4, 1024, 3, 3)).astype(np.float32)
+    model = haste_model(w, make_planes(14, 25, 0.5, rng), pads=(1, 1, 1, 1))
+    one, more = session(model, threads=1), session(model, threads=threads)
+    for _ in range(10):
+        x = rng.standard_normal((4, 1024, 24, 24)).astype(np.float32)
+        np.testing.assert_array_equal(one.run(None, {"X": x})[0], more.run(None, {"X": x})[0])
+
+
 def test_concurrent_runs_on_one_session_identical_to_serial() -> None:
     model, xs = _threads_case()
     sess = session(model, threads=2)
