@@ -323,13 +323,12 @@ struct SparsePlanes {
 
 // Hashes every channel of patch [C, D]: code bit l is dot(planes[l], v_c - mean_c v_c) > 0,
 // computed as dot(planes[l], C v_c - sum_c v_c), C times the same projection (`sum` [D], the
-// patch's part of ChannelSums): C v_c is exact in
-// double, and so is the rest wherever the exact sums fit double's 53-bit significand (small
-// integers, quantized values), where projections that are 0 in exact arithmetic then come out as
-// exact zeros instead of rounding noise. Everything is in double and each dot product is summed
-// over j in order, the sum over channels in order as numpy does, so the codes agree with the
-// reference except for projections within double rounding of zero. Scratch: centered
-// [D, kHashBlock].
+// patch's part of ChannelSums): C v_c is exact in double, and so is the rest wherever the exact
+// sums fit double's 53-bit significand (small integers, quantized values), where projections that
+// are 0 in exact arithmetic then come out as exact zeros instead of rounding noise. Everything is
+// in double and each dot product is summed over j in order, the sum over channels in order as
+// numpy does, so the codes agree with the reference except for projections within double rounding
+// of zero. Scratch: centered [D, kHashBlock].
 // Projections are summed kDoubles lanes at a time; every lane does the same multiplications and
 // additions (never fused) whatever the width, so the codes do not depend on it.
 template <int kDoubles>
