@@ -277,6 +277,9 @@ __attribute__((target("avx512f"))) void ChannelSumsAvx512(const float* image, in
 // image between threads, large enough that a channel's row of them is a run of whole cache lines.
 constexpr int64_t kSumPixels = 256;
 
+// Units of kSumPixels pixels (the last one fewer) that an image's ChannelSums take.
+int64_t SumUnits(const Geometry& g) { return (g.h * g.w + kSumPixels - 1) / kSumPixels; }
+
 // ChannelSums of `count` <= kSumPixels pixels, eight doubles wide where the convolution kernel is
 // AVX-512's (`lanes` = 16: FilterLanes), four where it is AVX2's (8).
 void ChannelSums([[maybe_unused]] int64_t lanes, const float* image, int64_t channels,
@@ -1289,7 +1292,7 @@ struct ChunkWork {
   void Run() {
     const int arrival = arrivals.fetch_add(1, std::memory_order_relaxed);
     const Geometry& g = job.g;
-    const int64_t pixels = g.h * g.w, per_image = (pixels + kSumPixels - 1) / kSumPixels;
+    const int64_t pixels = g.h * g.w, per_image = SumUnits(g);
     for (int64_t u; (u = sum_shards.Take(arrival)) >= 0;) {
       Laps laps;
       const int64_t image = u / per_image, p = u % per_image * kSumPixels;
@@ -1355,7 +1358,7 @@ void RunJob(const Ort::KernelContext& context, Job& job) {
     const int64_t images = (chunk.first_row + chunk.rows - 1) / g.tiles_y + 1 - chunk.first_image;
     chunk.sums.resize(images * g.h * g.w);
     ChunkWork work{job, chunk, items, per_bucket};
-    work.sum_shards.Reset(images * ((g.h * g.w + kSumPixels - 1) / kSumPixels));
+    work.sum_shards.Reset(images * SumUnits(g));
     work.tile_shards.Reset(chunk.rows * g.tiles_x);
     // As many tasks as tiles: the thread pool runs them on up to that many threads, and a task
     // that starts after the work is taken returns at once.

@@ -450,12 +450,16 @@ def _threads_case() -> tuple[onnx.ModelProto, list[np.ndarray]]:
     return model, xs
 
 
+def assert_threads_identical_to_one(model: onnx.ModelProto, xs, threads: int) -> None:
+    one, more = session(model, threads=1), session(model, threads=threads)
+    for x in xs:
+        np.testing.assert_array_equal(one.run(None, {"X": x})[0], more.run(None, {"X": x})[0])
+
+
 @pytest.mark.parametrize("threads", [2, 5])  # 5: more threads than the machine has cores
 def test_intra_op_threads_identical_to_one(threads: int) -> None:
     model, xs = _threads_case()
-    one, more = session(model, threads=1), session(model, threads=threads)
-    for x in xs[:3]:
-        np.testing.assert_array_equal(one.run(None, {"X": x})[0], more.run(None, {"X": x})[0])
+    assert_threads_identical_to_one(model, xs[:3], threads)
 
 
 @pytest.mark.parametrize("threads", [2, 5])
@@ -466,10 +470,8 @@ def test_threads_hash_only_once_every_pixel_is_summed(threads: int) -> None:
     rng = np.random.default_rng(9)
     w = rng.standard_normal((4, 1024, 3, 3)).astype(np.float32)
     model = haste_model(w, make_planes(14, 25, 0.5, rng), pads=(1, 1, 1, 1))
-    one, more = session(model, threads=1), session(model, threads=threads)
-    for _ in range(10):
-        x = rng.standard_normal((4, 1024, 24, 24)).astype(np.float32)
-        np.testing.assert_array_equal(one.run(None, {"X": x})[0], more.run(None, {"X": x})[0])
+    xs = (rng.standard_normal((4, 1024, 24, 24)).astype(np.float32) for _ in range(10))
+    assert_threads_identical_to_one(model, xs, threads)
 
 
 def test_concurrent_runs_on_one_session_identical_to_serial() -> None:
